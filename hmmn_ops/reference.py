@@ -1,0 +1,276 @@
+"""Pure-PyTorch reference of every op: the readable spec, the test oracle, the last fallback.
+
+Functions take the canonical arguments of docs/internals.md (the public front in ops.py
+checks and normalises them first). Everything is computed in the accumulation dtype
+(float64 for float64 inputs, float32 otherwise) and cast back at the end.
+
+They stay usable at real sizes: reads process queries (or coarse cells) in chunks, so no
+more than about ``CHUNK_ELEMENTS`` scores exist at once, never the whole
+``T*H*W x H*W`` affinity.
+"""
+import torch
+
+# Upper bound on the elements of one score slice (memory x query chunk). 4M float32 = 16 MB;
+# a chunk holds a few such temporaries.
+CHUNK_ELEMENTS = 1 << 22
+
+__all__ = [
+    "kernel_guided_read",
+    "kernel_guided_read_backward",
+    "gaussian_softmax",
+    "gaussian_softmax_backward",
+    "local_track",
+    "global_track",
+    "topk_guided_read",
+    "topk_guided_read_backward",
+]
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(total, per_item):
+    """Ranges covering [0, total) whose length times per_item stays near CHUNK_ELEMENTS."""
+    step = max(1, CHUNK_ELEMENTS // max(1, per_item))
+    return [(s, min(s + step, total)) for s in range(0, total, step)]
+
+
+def _gaussian_bias(centers, gamma, width, q0, q1):
+    """-(squared distance from query q to centre c(p)) * gamma[p]; 0 where centers[p] == -1.
+
+    centers: (B, M) int64 flat query indices or -1; gamma: (B, M) = 1 / (2 sigma^2) per memory
+    position. Returns (B, M, q1 - q0) for queries q0..q1-1.
+    """
+    q = torch.arange(q0, q1, device=centers.device)
+    qy, qx = (q // width).to(gamma.dtype), (q % width).to(gamma.dtype)
+    c = centers.clamp_min(0)
+    cy, cx = (c // width).to(gamma.dtype).unsqueeze(-1), (c % width).to(gamma.dtype).unsqueeze(-1)
+    d2 = (qy - cy).square() + (qx - cx).square()
+    bias = -d2 * gamma.unsqueeze(-1)
+    return bias.masked_fill_((centers < 0).unsqueeze(-1), 0.0)
+
+
+def _gamma(sigma, hw):
+    """(B, T) sigma -> (B, T*H*W) Gaussian coefficient 1 / (2 sigma^2) per memory position."""
+    return (0.5 / sigma.square()).repeat_interleave(hw, dim=1)
+
+
+def _read_logits(q, k, centers, gamma, scale, width, q0, q1):
+    """Scores of all memory positions against queries q0..q1-1: (B, M, q1 - q0)."""
+    logits = torch.bmm(k.transpose(1, 2), q[:, :, q0:q1]).mul_(scale)
+    if centers is not None:
+        logits += _gaussian_bias(centers, gamma, width, q0, q1)
+    return logits
+
+
+def _flatten_read_inputs(query_key, memory_key, memory_value, centers, sigma):
+    B, Ck, H, W = query_key.shape
+    T, Cv = memory_key.shape[2], memory_value.shape[1]
+    acc = acc_dtype(query_key.dtype)
+    q = query_key.reshape(B, Ck, H * W).to(acc)
+    k = memory_key.reshape(B, Ck, T * H * W).to(acc)
+    v = memory_value.reshape(B, Cv, T * H * W).to(acc)
+    c = gamma = None
+    if centers is not None:
+        c = centers.reshape(B, T * H * W)
+        gamma = _gamma(sigma.to(acc), H * W)
+    return q, k, v, c, gamma
+
+
+def kernel_guided_read(query_key, memory_key, memory_value, centers, sigma, scale, topk, topk_frames):
+    B, Ck, H, W = query_key.shape
+    T, Cv, HW = memory_key.shape[2], memory_value.shape[1], H * W
+    q, k, v, c, gamma = _flatten_read_inputs(query_key, memory_key, memory_value, centers, sigma)
+    out = q.new_empty(B, Cv, HW)
+    lse = q.new_empty(B, HW)
+    indices = torch.empty(B, HW, topk, dtype=torch.int64, device=q.device)
+    selected = None
+    if topk > 0:  # memory positions of the listed frames, in the listed order
+        selected = torch.cat([torch.arange(f * HW, (f + 1) * HW, device=q.device) for f in topk_frames])
+    for q0, q1 in _chunks(HW, B * T * HW):
+        logits = _read_logits(q, k, c, gamma, scale, W, q0, q1)
+        lse[:, q0:q1] = torch.logsumexp(logits, dim=1)
+        probs = torch.exp(logits - lse[:, None, q0:q1])
+        out[:, :, q0:q1] = torch.bmm(v, probs)
+        if topk > 0:
+            # A stable descending sort keeps the smaller index first among equal logits.
+            order = torch.sort(logits[:, selected], dim=1, descending=True, stable=True).indices
+            indices[:, q0:q1] = order[:, :topk].transpose(1, 2)
+    return out.view(B, Cv, H, W).to(query_key.dtype), lse, indices
+
+
+def kernel_guided_read_backward(grad_out, query_key, memory_key, memory_value, centers, sigma, out, lse, scale):
+    B, Ck, H, W = query_key.shape
+    T, Cv, HW = memory_key.shape[2], memory_value.shape[1], H * W
+    q, k, v, c, gamma = _flatten_read_inputs(query_key, memory_key, memory_value, centers, sigma)
+    acc = q.dtype
+    d_out = grad_out.reshape(B, Cv, HW).to(acc)
+    delta = (d_out * out.reshape(B, Cv, HW).to(acc)).sum(1)  # D[q] = <dO[:, q], O[:, q]>
+    lse = lse.to(acc)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for q0, q1 in _chunks(HW, B * T * HW):
+        probs = torch.exp(_read_logits(q, k, c, gamma, scale, W, q0, q1) - lse[:, None, q0:q1])
+        d_out_c = d_out[:, :, q0:q1]
+        dv += torch.bmm(d_out_c, probs.transpose(1, 2))
+        d_scores = torch.bmm(v.transpose(1, 2), d_out_c).sub_(delta[:, None, q0:q1]).mul_(probs)
+        dq[:, :, q0:q1] = torch.bmm(k, d_scores).mul_(scale)
+        dk += torch.bmm(q[:, :, q0:q1], d_scores.transpose(1, 2)).mul_(scale)
+    dtype = query_key.dtype
+    return (
+        dq.view(B, Ck, H, W).to(dtype),
+        dk.view(B, Ck, T, H, W).to(memory_key.dtype),
+        dv.view(B, Cv, T, H, W).to(memory_value.dtype),
+    )
+
+
+def gaussian_softmax(affinity, centers, sigma, height, width):
+    B, M, HW = affinity.shape
+    acc = acc_dtype(affinity.dtype)
+    c = centers.reshape(B, M)
+    gamma = _gamma(sigma.to(acc), HW)
+    out = torch.empty(affinity.shape, dtype=affinity.dtype, device=affinity.device)
+    for q0, q1 in _chunks(HW, B * M):
+        logits = affinity[:, :, q0:q1].to(acc) + _gaussian_bias(c, gamma, width, q0, q1)
+        out[:, :, q0:q1] = torch.softmax(logits, dim=1)
+    return out
+
+
+def gaussian_softmax_backward(grad_output, output):
+    acc = acc_dtype(output.dtype)
+    g, y = grad_output.to(acc), output.to(acc)
+    return (y * (g - (g * y).sum(1, keepdim=True))).to(output.dtype)
+
+
+def local_track(memory_key, query_key, window):
+    B, C, H, W = memory_key.shape
+    acc = acc_dtype(memory_key.dtype)
+    mk, qk = memory_key.to(acc), query_key.to(acc)
+    rad = window // 2
+    ys = torch.arange(H, device=mk.device).view(H, 1)
+    xs = torch.arange(W, device=mk.device).view(1, W)
+    # Start from the smallest-index candidate of each window so the answer is always in the
+    # frame; then visit offsets in increasing flat-index order and replace only on a strictly
+    # larger score, so ties keep the smaller index.
+    best_idx = ((ys - rad).clamp_min(0) * W + (xs - rad).clamp_min(0)).expand(B, H, W).clone()
+    best = torch.full((B, H, W), float("-inf"), dtype=acc, device=mk.device)
+    for dy in range(-rad, rad + 1):
+        y0, y1 = max(0, -dy), min(H, H - dy)
+        if y0 >= y1:
+            continue
+        for dx in range(-rad, rad + 1):
+            x0, x1 = max(0, -dx), min(W, W - dx)
+            if x0 >= x1:
+                continue
+            score = (mk[:, :, y0:y1, x0:x1] * qk[:, :, y0 + dy:y1 + dy, x0 + dx:x1 + dx]).sum(1)
+            region = best[:, y0:y1, x0:x1]
+            better = score > region
+            region[better] = score[better]
+            flat = ((ys[y0:y1] + dy) * W + (xs[:, x0:x1] + dx)).expand_as(score)
+            best_idx[:, y0:y1, x0:x1][better] = flat[better]
+    return best_idx
+
+
+def global_track(memory_key, query_key):
+    B, C, T, H, W = memory_key.shape
+    HW, M = H * W, T * H * W
+    acc = acc_dtype(memory_key.dtype)
+    k = memory_key.reshape(B, C, M).to(acc)
+    q = query_key.reshape(B, C, HW).to(acc)
+    out = torch.empty(B, M, dtype=torch.int64, device=k.device)
+    for m0, m1 in _chunks(M, B * HW):
+        # torch.argmax returns the first maximal index: ties go to the smaller query index.
+        out[:, m0:m1] = torch.bmm(k[:, :, m0:m1].transpose(1, 2), q).argmax(dim=2)
+    return out.view(B, T, H, W)
+
+
+# ---------------------------------------------------------------- top-k guided read (SPEC 5)
+
+
+def _cell_layout(x, r):
+    """(B, C, H, W) -> (B, Hc*Wc, r*r, C): the fine pixels of each coarse cell."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // r, r, W // r, r).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, (H // r) * (W // r), r * r, C)
+
+
+def _from_cell_layout(x, H, W, r):
+    """Inverse of _cell_layout: (B, Hc*Wc, r*r, C) -> (B, C, H, W)."""
+    B, C = x.shape[0], x.shape[-1]
+    x = x.reshape(B, H // r, W // r, r, r, C).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, C, H, W)
+
+
+def _fine_candidates(topk_indices, T, H, W, r):
+    """Coarse indices (B, Nc, k) -> flat fine memory indices (B, Nc, k*r*r)."""
+    Hc, Wc = H // r, W // r
+    t = topk_indices // (Hc * Wc)
+    rem = topk_indices % (Hc * Wc)
+    base = t * (H * W) + (rem // Wc) * (r * W) + (rem % Wc) * r
+    offs = torch.arange(r, device=topk_indices.device)
+    offs = (offs.view(r, 1) * W + offs.view(1, r)).reshape(-1)
+    return (base.unsqueeze(-1) + offs).flatten(-2)
+
+
+def _gather(mem, idx):
+    """mem (B, M, C), idx (B, n, m) -> (B, n, m, C)."""
+    B, n, m = idx.shape
+    return torch.gather(mem, 1, idx.reshape(B, n * m, 1).expand(B, n * m, mem.shape[2])).view(B, n, m, -1)
+
+
+def _topk_inputs(query_key, memory_key, memory_value, topk_indices, r):
+    B, Ck, H, W = query_key.shape
+    T, Cv = memory_key.shape[2], memory_value.shape[1]
+    acc = acc_dtype(query_key.dtype)
+    q = _cell_layout(query_key.to(acc), r)                                   # (B, Nc, rr, Ck)
+    k = memory_key.reshape(B, Ck, T * H * W).transpose(1, 2).to(acc)        # (B, M, Ck)
+    v = memory_value.reshape(B, Cv, T * H * W).transpose(1, 2).to(acc)      # (B, M, Cv)
+    cand = _fine_candidates(topk_indices, T, H, W, r)                        # (B, Nc, krr)
+    return q, k, v, cand
+
+
+def topk_guided_read(query_key, memory_key, memory_value, topk_indices, scale, ratio):
+    B, Ck, H, W = query_key.shape
+    Cv, r = memory_value.shape[1], ratio
+    q, k, v, cand = _topk_inputs(query_key, memory_key, memory_value, topk_indices, r)
+    Nc, m = cand.shape[1], cand.shape[2]
+    out = q.new_empty(B, Nc, r * r, Cv)
+    lse = q.new_empty(B, Nc, r * r)
+    for c0, c1 in _chunks(Nc, B * m * (Ck + Cv + r * r)):
+        keys, values = _gather(k, cand[:, c0:c1]), _gather(v, cand[:, c0:c1])
+        logits = torch.matmul(q[:, c0:c1], keys.transpose(-1, -2)).mul_(scale)  # (B, n, rr, m)
+        lse[:, c0:c1] = torch.logsumexp(logits, dim=-1)
+        out[:, c0:c1] = torch.matmul(torch.exp(logits - lse[:, c0:c1, :, None]), values)
+    lse = _from_cell_layout(lse.unsqueeze(-1), H, W, r).reshape(B, H * W)
+    return _from_cell_layout(out, H, W, r).to(query_key.dtype), lse
+
+
+def topk_guided_read_backward(grad_out, query_key, memory_key, memory_value, topk_indices, out, lse, scale, ratio):
+    B, Ck, H, W = query_key.shape
+    T, Cv, r = memory_key.shape[2], memory_value.shape[1], ratio
+    q, k, v, cand = _topk_inputs(query_key, memory_key, memory_value, topk_indices, r)
+    acc = q.dtype
+    d_out = _cell_layout(grad_out.to(acc), r)                                  # (B, Nc, rr, Cv)
+    delta = (d_out * _cell_layout(out.to(acc), r)).sum(-1)                     # (B, Nc, rr)
+    lse = _cell_layout(lse.to(acc).view(B, 1, H, W), r).squeeze(-1)            # (B, Nc, rr)
+    Nc, m = cand.shape[1], cand.shape[2]
+    dq = torch.empty_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for c0, c1 in _chunks(Nc, B * m * (2 * Ck + 2 * Cv + r * r)):
+        idx = cand[:, c0:c1]
+        keys, values = _gather(k, idx), _gather(v, idx)
+        logits = torch.matmul(q[:, c0:c1], keys.transpose(-1, -2)).mul_(scale)
+        probs = torch.exp(logits - lse[:, c0:c1, :, None])                     # (B, n, rr, m)
+        d_values = torch.matmul(probs.transpose(-1, -2), d_out[:, c0:c1])      # (B, n, m, Cv)
+        d_scores = torch.matmul(d_out[:, c0:c1], values.transpose(-1, -2))
+        d_scores = d_scores.sub_(delta[:, c0:c1, :, None]).mul_(probs)
+        dq[:, c0:c1] = torch.matmul(d_scores, keys).mul_(scale)
+        d_keys = torch.matmul(d_scores.transpose(-1, -2), q[:, c0:c1]).mul_(scale)  # (B, n, m, Ck)
+        flat = idx.reshape(B, -1, 1)
+        dk.scatter_add_(1, flat.expand(-1, -1, Ck), d_keys.reshape(B, -1, Ck))
+        dv.scatter_add_(1, flat.expand(-1, -1, Cv), d_values.reshape(B, -1, Cv))
+    return (
+        _from_cell_layout(dq, H, W, r).to(query_key.dtype),
+        dk.transpose(1, 2).reshape(B, Ck, T, H, W).to(memory_key.dtype),
+        dv.transpose(1, 2).reshape(B, Cv, T, H, W).to(memory_value.dtype),
+    )
