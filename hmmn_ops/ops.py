@@ -74,7 +74,7 @@ def _check_read_inputs(query_key, memory_key, memory_value):
         raise ValueError(f"memory_key: expected at least one memory frame (T >= 1), got shape {_shape(memory_key)}")
     _expect_dims("memory_value", memory_value, (B, None, T, H, W), "(B, Cv, T, H, W) matching memory_key")
     if H < 1 or W < 1 or Ck < 1 or memory_value.shape[1] < 1:
-        raise ValueError(f"query_key/memory_value: sizes must be positive, got {_shape(query_key)} and {_shape(memory_value)}")
+        raise ValueError(f"query_key: expected positive sizes, got {_shape(query_key)} and {_shape(memory_value)}")
     return B, Ck, T, H, W
 
 
@@ -88,7 +88,7 @@ def _check_centers(centers, B, T, H, W, device):
     if _eager() and centers.numel() > 0:
         lo, hi = int(centers.min()), int(centers.max())
         if lo < -1 or hi >= H * W:
-            raise ValueError(f"centers: values must be flat query indices in [0, {H * W}) or -1, got range [{lo}, {hi}]")
+            raise ValueError(f"centers: expected flat query indices in [0, {H * W}) or -1, got values in [{lo}, {hi}]")
 
 
 def _check_sigma(sigma, B, T, device, dtype):
@@ -106,7 +106,7 @@ def _check_sigma(sigma, B, T, device, dtype):
         raise ValueError(f"sigma: expected shape ({T},) or ({B}, {T}) (T,) or (B, T), got {_shape(sigma)}")
     sigma = sigma.to(device=device, dtype=acc).contiguous()
     if _eager() and sigma.numel() > 0 and not bool((sigma > 0).all()):
-        raise ValueError(f"sigma: every value must be > 0, got min {float(sigma.min())}")
+        raise ValueError(f"sigma: expected every value > 0, got min {float(sigma.min())}")
     return sigma
 
 
@@ -162,7 +162,7 @@ def kernel_guided_read(query_key, memory_key, memory_value, centers=None, sigma=
             raise ValueError("topk_frames: expected at least one frame index when topk > 0, got an empty list")
         bad = [f for f in frames if not 0 <= f < T]
         if bad:
-            raise ValueError(f"topk_frames: frame indices must lie in [0, {T}) (T = memory frames), got {bad}")
+            raise ValueError(f"topk_frames: expected frame indices in [0, {T}) (T = memory frames), got {bad}")
         if len(set(frames)) != len(frames):
             raise ValueError(f"topk_frames: a frame is listed twice: {frames}")
         if topk > len(frames) * H * W:
@@ -271,7 +271,7 @@ def topk_guided_read(query_key, memory_key, memory_value, topk_indices, *, scale
     if _eager() and topk_indices.numel() > 0:
         lo, hi = int(topk_indices.min()), int(topk_indices.max())
         if lo < 0 or hi >= coarse:
-            raise ValueError(f"topk_indices: values must lie in [0, T*Hc*Wc = {coarse}), got range [{lo}, {hi}]")
+            raise ValueError(f"topk_indices: expected values in [0, T*Hc*Wc = {coarse}), got values in [{lo}, {hi}]")
     scale = _resolve_scale(scale, Ck)
     _check_backend(backend)
     out, _lse = call("topk_guided_read", backend, query_key.device,

@@ -215,7 +215,8 @@ def _fine_candidates(topk_indices, T, H, W, r):
 def _gather(mem, idx):
     """mem (B, M, C), idx (B, n, m) -> (B, n, m, C)."""
     B, n, m = idx.shape
-    return torch.gather(mem, 1, idx.reshape(B, n * m, 1).expand(B, n * m, mem.shape[2])).view(B, n, m, -1)
+    C = mem.shape[2]
+    return torch.gather(mem, 1, idx.reshape(B, n * m, 1).expand(B, n * m, C)).view(B, n, m, C)
 
 
 def _topk_inputs(query_key, memory_key, memory_value, topk_indices, r):
