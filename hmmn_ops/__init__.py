@@ -6,6 +6,7 @@ from ._build import BUILD_CONFIG
 from . import _autograd, _fake  # noqa: F401  (registrations)
 from .backends import backends, register_fallbacks
 from .ops import gaussian_softmax, global_track, kernel_guided_read, local_track, topk_guided_read
+from .tracking import Tracker
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "local_track",
     "global_track",
     "topk_guided_read",
+    "Tracker",
     "backends",
     "BUILD_CONFIG",
 ]
