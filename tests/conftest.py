@@ -9,6 +9,10 @@ import hmmn_ops  # noqa: F401  (registers the ops)
 
 
 def pytest_configure(config):
+    # The suite runs tiny shapes: one thread is as fast and immune to oversubscribed shared cores
+    # (two OpenMP threads made small-shape tests up to 50x slower there). Tests that need more
+    # threads (determinism across thread counts) set them explicitly.
+    torch.set_num_threads(1)
     # Fresh seeds every run (printed, so a failure can be replayed with HMMN_OPS_SEED=...).
     seed = int(os.environ.get("HMMN_OPS_SEED", random.SystemRandom().randrange(2**31)))
     config._hmmn_seed = seed
