@@ -1,0 +1,88 @@
+// Torch-free helpers shared by every hmmn_ops CUDA kernel: accumulator types, conversions,
+// math overloads, warp reductions. Built with torch's flags (-D__CUDA_NO_HALF_CONVERSIONS__
+// etc.), so every half/bfloat16 conversion here is explicit.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <cstdint>
+
+namespace hmmn {
+
+// Accumulation type: float64 for float64 inputs, float32 otherwise (docs/internals.md).
+template <typename T> struct AccT { using type = float; };
+template <> struct AccT<double> { using type = double; };
+template <typename T> using acc_of = typename AccT<T>::type;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Rounds an accumulator to the storage type (round to nearest even).
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(double* p, double x) { *p = x; }
+__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float acc_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+__device__ __forceinline__ float acc_log(float x) { return __logf(x); }
+__device__ __forceinline__ double acc_log(double x) { return log(x); }
+
+template <typename A> __device__ __forceinline__ A neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return -CUDART_INF_F; }
+template <> __device__ __forceinline__ double neg_inf<double>() { return -CUDART_INF; }
+
+template <typename A> __device__ __forceinline__ A warp_max(A x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const A y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = y > x ? y : x;
+  }
+  return x;
+}
+
+template <typename A> __device__ __forceinline__ A warp_sum(A x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Centre of memory position `pos` of batch item b (SPEC 1): (cy, cx) and g = 1 / (2 sigma^2);
+// cy = -1 when there is no centre (centers == nullptr, centers[pos] == -1, or pos < 0).
+// centers is (B, M) and sigma (B, T), both contiguous.
+template <typename A>
+__device__ __forceinline__ void load_center(const int64_t* centers, const A* sigma, int64_t b, int64_t pos, int64_t M,
+                                            int64_t N, int64_t W, int64_t T, int& cy, int& cx, A& g) {
+  cy = -1;
+  cx = 0;
+  g = A(0);
+  if (centers == nullptr || pos < 0) return;
+  const int64_t c = centers[b * M + pos];
+  if (c < 0) return;
+  cy = int(c / W);
+  cx = int(c % W);
+  const A s = sigma[b * T + pos / N];
+  g = A(0.5) / (s * s);
+}
+
+// Log-Gaussian bias of SPEC 1 for query pixel (qy, qx) and a memory position whose centre is
+// (cy, cx) (cy < 0: no centre) with g = 1 / (2 sigma^2). d2 == 0 returns exactly 0 so that a
+// huge g (tiny sigma) never gives 0 * inf = NaN.
+template <typename A>
+__device__ __forceinline__ A gauss_bias(int qy, int qx, int cy, int cx, A g) {
+  if (cy < 0) return A(0);
+  const int64_t dy = qy - cy, dx = qx - cx;
+  const int64_t d2 = dy * dy + dx * dx;
+  return d2 == 0 ? A(0) : -A(d2) * g;
+}
+
+}  // namespace hmmn
