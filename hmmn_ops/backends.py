@@ -139,11 +139,13 @@ def call(op, backend, device, args):
 
 
 def _cuda_fallback(op):
-    """CUDA kernel for an op the extension did not compile: Triton if it can run, else the reference."""
+    """CUDA kernel for an op the extension did not compile: Triton if it can run, else the reference
+    (also for float64, which the Triton kernels do not take)."""
 
     def kernel(*args):
         module, _ = _triton_module()
-        impl = module if module is not None and hasattr(module, op) else reference
+        double = any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args)
+        impl = module if module is not None and hasattr(module, op) and not double else reference
         return getattr(impl, op)(*args)
 
     kernel.__name__ = f"{op}_cuda_fallback"

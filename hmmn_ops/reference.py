@@ -267,9 +267,10 @@ def topk_guided_read_backward(grad_out, query_key, memory_key, memory_value, top
         d_scores = d_scores.sub_(delta[:, c0:c1, :, None]).mul_(probs)
         dq[:, c0:c1] = torch.matmul(d_scores, keys).mul_(scale)
         d_keys = torch.matmul(d_scores.transpose(-1, -2), q[:, c0:c1]).mul_(scale)  # (B, n, m, Ck)
-        flat = idx.reshape(B, -1, 1)
-        dk.scatter_add_(1, flat.expand(-1, -1, Ck), d_keys.reshape(B, -1, Ck))
-        dv.scatter_add_(1, flat.expand(-1, -1, Cv), d_values.reshape(B, -1, Cv))
+        n = idx.shape[1] * m  # explicit sizes: B may be 0
+        flat = idx.reshape(B, n, 1)
+        dk.scatter_add_(1, flat.expand(B, n, Ck), d_keys.reshape(B, n, Ck))
+        dv.scatter_add_(1, flat.expand(B, n, Cv), d_values.reshape(B, n, Cv))
     return (
         _from_cell_layout(dq, H, W, r).to(query_key.dtype),
         dk.transpose(1, 2).reshape(B, Ck, T, H, W).to(memory_key.dtype),

@@ -158,3 +158,12 @@ def test_low_precision_follows_float64(dtype):
     out = hmmn_ops.kernel_guided_read(qk.to(dtype), mk.to(dtype), mv.to(dtype))
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), expected, rtol=0.05 if dtype == torch.bfloat16 else 1e-5, atol=0.05 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_empty_batch_backward(backend):
+    qk, mk, mv = (t.requires_grad_() for t in _read_inputs(0, 3, 2, 2, 4, 4, lambda x: x))
+    out = hmmn_ops.kernel_guided_read(qk, mk, mv, torch.zeros(0, 2, 4, 4, dtype=torch.int64), 1.0, backend=backend)
+    out = out.sum() + hmmn_ops.topk_guided_read(qk, mk, mv, torch.zeros(0, 4, 2, dtype=torch.int64), backend=backend).sum()
+    out.backward()
+    assert qk.grad.shape == qk.shape and mk.grad.shape == mk.shape and mv.grad.shape == mv.shape
