@@ -1,0 +1,45 @@
+"""Train an HMMN: static-image pretraining, then main training on videos (synthetic by default).
+
+  hmmn-vos train --config configs/release.yaml --out runs/release
+  hmmn-vos train --config configs/release.yaml --out runs/release --resume   # continue after a stop
+  hmmn-vos train --out runs/quick --set pretrain_steps=200 --set main_steps=400 --set lr=5e-4
+  torchrun --nproc_per_node 2 -m hmmn_ops.cli train --config ... --out ...  # DDP (gloo on CPU, nccl on GPU)
+
+The run folder gets config.yaml (the resolved config), checkpoint.pt (every checkpoint_every
+steps, atomically), log.csv, loss.png and, at the end, weights.pt (for hmmn-vos segment
+--weights). --export PATH also writes the finished model to PATH (+ PATH's .json). With
+--resume a run continues exactly where its checkpoint stopped (or starts if there is none);
+without it an existing checkpoint is an error. See docs/training.md for every field.
+"""
+import os
+import sys
+
+
+def add_arguments(p):
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of TrainConfig fields (the rest: defaults)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a field, value read as YAML (repeatable): --set lr=3e-4 --set model.decoder_dim=48")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, if any")
+    p.add_argument("--export", metavar="PATH", help="at the end, write the model to PATH (weights only) and PATH's .json")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: the config's, else torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args):
+    from hmmn_ops.train import export_weights, load_config, train
+
+    try:
+        overrides = list(args.set) + ([f"threads={args.threads}"] if args.threads is not None else [])
+        cfg = load_config(args.config, overrides)
+        summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+        if int(os.environ.get("RANK", 0)) != 0:
+            return 0  # process 0 reports and exports
+        if args.export:
+            export_weights(args.out, args.export)
+            print(f"exported {args.export}")
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"hmmn-vos train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"trained {summary['step']} steps, last loss {summary['loss']:.4f}: {args.out}")
+    return 0

@@ -1,0 +1,205 @@
+"""Training: a few steps end to end, exact resume, DDP over 2 gloo processes, the config and its ramps."""
+import csv
+import os
+import socket
+
+import pytest
+import torch
+
+from hmmn_ops.cli import main
+from hmmn_ops.models import load_model
+from hmmn_ops.models import HMMN
+from hmmn_ops.train import (TrainConfig, Trainee, _batches, _ramps, clip_loss, learning_rate, load_config,
+                            tie_initialisation, train)
+
+pytestmark = pytest.mark.slow
+
+# Tiny shapes: 32x32 crops of 40x48 videos, the tiny model, 2 clips a step, one thread.
+TINY = dict(
+    size=32, synthetic=dict(height=40, width=48, num_frames=8), batch_size=2, workers=0, threads=1,
+    pretrain_steps=3, main_steps=3, steps_per_epoch=2, log_every=1, checkpoint_every=1, warmup_steps=2,
+)
+
+
+def tiny(**changes):
+    return TrainConfig(**{**TINY, **changes})
+
+
+def states_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def log_rows(run):
+    with open(os.path.join(run, "log.csv"), newline="") as f:
+        # timings differ between runs, everything else must not
+        return [{k: v for k, v in row.items() if k not in ("s_per_step", "elapsed_s")} for row in csv.DictReader(f)]
+
+
+def test_smoke_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    sets = [f"--set={k}={v}" for k, v in TINY.items() if k != "synthetic"]
+    sets += ["--set=synthetic.height=40", "--set=synthetic.width=48", "--set=synthetic.num_frames=8", "--set=checkpoint_every=2",
+             "--set=readout_loss=0"]  # the plain recipe here; the other tests train with the readout loss
+    export = tmp_path / "exported" / "w.pt"
+    assert main(["train", "--out", str(out), "--quiet", "--export", str(export), *sets]) == 0
+    assert "trained 6 steps" in capsys.readouterr().out
+    for name in ("config.yaml", "checkpoint.pt", "log.csv", "loss.png", "weights.pt"):
+        assert (out / name).is_file(), name
+    rows = log_rows(out)
+    assert [int(r["step"]) for r in rows] == list(range(6))
+    assert [r["stage"] for r in rows] == ["pretrain"] * 3 + ["main"] * 3
+    assert all(0 < float(r["loss"]) < 10 and float(r["readout_loss"]) == 0 for r in rows)
+    # the run's config is what was asked, and the weights load with it
+    assert load_config(out / "config.yaml") == tiny(checkpoint_every=2, readout_loss=0)
+    model = load_model(str(export))
+    assert model.config == tiny().model_config()
+    assert states_equal(model.state_dict(), load_model(str(out / "weights.pt")).state_dict())
+    assert (tmp_path / "exported" / "w.json").is_file()
+    # training moved the weights away from the seed's initialisation
+    torch.manual_seed(0)
+    init = HMMN(tiny().model_config()).state_dict()
+    assert not torch.equal(init["Decoder.pred2.weight"], model.state_dict()["Decoder.pred2.weight"])
+    # an existing run is not overwritten by accident
+    assert main(["train", "--out", str(out), "--quiet", *sets]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_is_exact(tmp_path):
+    cfg = tiny(checkpoint_every=1)
+    whole = train(cfg, str(tmp_path / "whole"), progress=False)
+    parts = tmp_path / "parts"
+    train(cfg, str(parts), progress=False, stop_at=2)  # mid data epoch, in pretraining
+    assert not (parts / "weights.pt").exists()
+    # across the stage change, with a loader process this time (`workers` may change on resume)
+    train(tiny(checkpoint_every=1, workers=1), str(parts), resume=True, progress=False, stop_at=4)
+    last = train(cfg, str(parts), resume=True, progress=False)
+    assert states_equal(whole["model"].state_dict(), last["model"].state_dict())  # bit for bit
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(parts / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert all(states_equal(a["optimizer"]["state"][i], b["optimizer"]["state"][i]) for i in a["optimizer"]["state"])
+    assert log_rows(tmp_path / "whole") == log_rows(parts)
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    train(tiny(), str(tmp_path), progress=False, stop_at=1)
+    with pytest.raises(ValueError, match=r"differs.*\['lr'\]"):
+        train(tiny(lr=5e-4), str(tmp_path), resume=True, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny(), str(tmp_path), progress=False)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    result = train(tiny(pretrain_steps=2, main_steps=1, checkpoint_every=3, log_every=3), out, progress=False)
+    torch.save(result["model"].state_dict(), os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_ddp_two_gloo_processes(tmp_path):
+    out = str(tmp_path)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # averaged gradients and broadcast buffers: both processes hold the same model ...
+    assert states_equal(r0, r1)
+    # ... which is the one process 0 saved, and it trained
+    assert states_equal(r0, load_model(str(tmp_path / "weights.pt")).state_dict())
+    torch.manual_seed(0)
+    assert not torch.equal(HMMN(tiny().model_config()).state_dict()["Decoder.pred2.weight"], r0["Decoder.pred2.weight"])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 3
+
+
+class _FakeDist:
+    def __init__(self, rank, world):
+        self.rank, self.world, self.device = rank, world, torch.device("cpu")
+
+
+class _Recorder(torch.utils.data.Dataset):
+    """Returns its index and the ramp values it was set to."""
+
+    def __init__(self):
+        self.epoch, self.p_hide, self.max_skip, self.samples_per_epoch = 0, 0.0, 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.samples_per_epoch
+
+    def __getitem__(self, i):
+        return {"index": i, "epoch": self.epoch, "p_hide": self.p_hide, "max_skip": self.max_skip}
+
+
+def test_batches_split_the_data_across_ranks_and_ramp():
+    cfg = tiny(pretrain_steps=4, main_steps=4, steps_per_epoch=2, batch_size=3, hide=(0.0, 0.5), max_skip=(0, 20))
+
+    def run(rank, world, start=0):
+        data = {"pretrain": _Recorder(), "main": _Recorder()}
+        return [(s, b["epoch"].tolist(), b["index"].tolist(), float(b["p_hide"][0]), int(b["max_skip"][0]))
+                for s, b in _batches(cfg, _FakeDist(rank, world), data, start, cfg.total_steps)]
+
+    one, r0, r1 = run(0, 1), run(0, 2), run(1, 2)
+    assert [s for s, *_ in one] == list(range(8))
+    for (s, e, i0, *ramps0), (_, _, i1, *ramps1) in zip(r0, r1):
+        assert not set(i0) & set(i1) and len(i0) == 3  # ranks see different clips of the same epoch
+        assert ramps0 == ramps1
+    assert [x[1][0] for x in one] == [0, 0, 1, 1, 0, 0, 1, 1]  # epochs restart with the stage
+    assert [x[3] for x in one[:4]] == [0.0, 0.0, 0.25, 0.25]  # p_hide moves per epoch
+    assert [x[4] for x in one[4:]] == [0, 0, 10, 10]  # so does max_skip
+    assert run(0, 1, start=3) == one[3:]  # a resumed run starts mid-epoch on the same clips
+
+
+def test_ramps_and_learning_rate():
+    cfg = tiny(pretrain_steps=10, main_steps=10, steps_per_epoch=5, warmup_steps=0, lr=1.0, lr_final=0.1, max_skip=(0, 20))
+    assert _ramps(cfg, 0)[0] == 1.0 and _ramps(cfg, 9)[0] == pytest.approx(0.55)  # 1 -> 0.5 in pretraining
+    assert _ramps(cfg, 10)[0] == 0.5 and _ramps(cfg, 15)[0] == pytest.approx(0.25)  # 0.5 -> 0 in main training
+    assert _ramps(cfg, 7)[1] == pytest.approx(0.25) and _ramps(cfg, 17)[2] == 10
+    assert learning_rate(cfg, 0) == pytest.approx(1.0) and learning_rate(cfg, 10) == pytest.approx(0.55)
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.002\nsize: [64, 80]\nmodel: {backbone: tiny, decoder_dim: 16}\n")
+    cfg = load_config(path, ["main_steps=7", "model.decoder_dim=24"])
+    assert (cfg.lr, cfg.size, cfg.main_steps, cfg.model["decoder_dim"]) == (0.002, (64, 80), 7, 24)
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['lrr'\]"):
+        load_config(None, ["lrr=1"])
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        TrainConfig(log_every=10, checkpoint_every=15)
+    with pytest.raises(ValueError, match="HMMNConfig"):
+        TrainConfig(model=dict(kernel="gauss"))
+
+
+def test_tied_initialisation_matches_memory_and_query_keys():
+    model = tie_initialisation(HMMN(tiny().model_config())).eval()
+    frame = torch.rand(1, 3, 32, 48)
+    masks = (torch.rand(1, 2, 32, 48) > 0.5).float()
+    with torch.no_grad():
+        memory, query = model.encode_memory(frame, masks), model.encode_query(frame)
+    for level in ("k4", "k3", "k2"):  # both objects' memory keys are the frame's query keys
+        torch.testing.assert_close(getattr(memory, level), getattr(query, level).expand(2, -1, -1, -1))
+
+
+def test_readout_loss_reads_the_res4_readout():
+    torch.manual_seed(0)
+    trainee = Trainee(HMMN(tiny().model_config()), readout_loss=0.5)
+    N, T, K, S = 2, 3, 2, 32
+    labels = torch.zeros(N, T, S, S, dtype=torch.int64)
+    labels[:, :, 4:20, 4:20] = 1
+    labels[0, :, 20:30, 20:30] = 2  # clip 1 has one object: its second channel is absent
+    batch = {"frames": torch.rand(N, T, 3, S, S), "labels": labels,
+             "masks": torch.nn.functional.one_hot(labels, K + 1).permute(0, 1, 4, 2, 3).float()}
+    total, ce, aux = clip_loss(trainee, batch, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert total.item() == pytest.approx(ce.item() + 0.5 * aux.item(), rel=1e-6) and aux.item() > 0
+    _, probe = trainee(batch["frames"], batch["masks"][:, 0, 1:])
+    assert probe.shape == (N * K, T - 1, 1, S // 16, S // 16)
+    total.backward()  # the loss reaches the memory keys through the readout
+    assert trainee.probe.weight.grad.abs().sum() > 0 and trainee.model.KV_M_r4.Key.weight.grad.abs().sum() > 0
