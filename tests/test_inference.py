@@ -165,7 +165,9 @@ def test_paper_schedule_differs_from_official():
         core = InferenceCore(model, mem_every=3, official_compat=compat)
         outs[compat] = [core.step(f, mask if t == 0 else None) for t, f in enumerate(frames)]
     assert torch.equal(outs[False][1], outs[True][1])  # one memory frame: the same read
-    assert not torch.allclose(outs[False][-1], outs[True][-1])
+    # Different sigmas (and the official hop) change the read; with random weights the effect on the
+    # output can be as small as 1e-6, so test for any difference rather than a tolerance.
+    assert not torch.equal(outs[False][-1], outs[True][-1])
 
 
 @pytest.mark.parametrize("kernel,topk_read", [("none", True), ("kmn", False), ("hmmn", False)])
