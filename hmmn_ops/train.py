@@ -15,12 +15,14 @@ The recipe:
   or DAVIS / YouTube-VOS folders), the maximum interval ramped ``max_skip`` (0 -> 25); readout
   dropout ramped ``main_dropout`` (0.5 -> 0);
 - loss: pixel-wise cross-entropy on the soft-aggregated logits of frames 1 and 2
-  (``HMMN.forward``, where kernel guidance is off, as in the papers); Adam, a linear warm-up
-  then a cosine decay over the whole run.
+  (``HMMN.forward``, where kernel guidance is off, as in the papers), plus, for training from
+  scratch, an auxiliary loss on the res4 memory readout (``Trainee``, ``readout_loss``); Adam,
+  a linear warm-up then a cosine decay over the whole run. ``tied_init`` starts the memory
+  side as a copy of the query side (``tie_initialisation``).
 
 Determinism and resuming: the clips of a step are fixed by (seed, stage, epoch, index), the
 torch RNG (readout dropout) is re-seeded from (seed, rank, step) before every step, and the
-checkpoint holds the model, the optimiser, the AMP scaler and the step. So a resumed run
+checkpoint holds the model, the readout probe, the optimiser, the AMP scaler and the step. So a resumed run
 computes exactly what an uninterrupted one would.
 
 Ramps move once per data epoch (``steps_per_epoch`` steps; data loader workers hold a copy of
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 __all__ = ["TrainConfig", "load_config", "train", "export_weights", "ramp", "tie_initialisation", "Trainee", "clip_loss"]
 
 # Fields that may change when a run is resumed: they do not change what is computed.
-OPERATIONAL = ("workers", "checkpoint_every", "log_every", "threads", "device", "amp")
+OPERATIONAL = ("workers", "checkpoint_every", "log_every", "threads", "device")
 LOG_COLUMNS = ("step", "stage", "loss", "readout_loss", "lr", "readout_dropout", "p_hide", "max_skip", "s_per_step", "elapsed_s")
 
 
