@@ -89,6 +89,7 @@ class TrainConfig:
     max_skip: tuple = (0, 25)
     readout_loss: float = 1.0  # weight of the auxiliary res4 readout loss (ReadoutProbe), 0: none
     tied_init: bool = True  # start memory encoder / key heads as copies of the query ones (tie_initialisation)
+    init: str = None  # start from these weights (a run's checkpoint.pt / weights.pt, or exported weights) instead
     amp: bool = True  # float16 autocast + gradient scaling, on CUDA only
     # bookkeeping
     checkpoint_every: int = 200
@@ -342,6 +343,25 @@ def tie_initialisation(model):
     return model
 
 
+def initialise_from(trainee, path):
+    """Load the model (and the readout probe, when the file has one) of `path`: a run's
+    checkpoint.pt or weights.pt, or exported weights. The architecture must be the config's:
+    the fields that change the weights' shapes must agree; matching switches may differ."""
+    from .models import load_model
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"TrainConfig.init: weights not found: {path}")
+    source = load_model(path)
+    try:
+        trainee.model.load_state_dict(source.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"TrainConfig.init: {path} holds another architecture than TrainConfig.model "
+                         f"({source.config.to_dict()}): {str(e).splitlines()[0]}") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if getattr(trainee, "probe", None) is not None and "probe" in state:
+        trainee.probe.load_state_dict(state["probe"])
+
+
 class Trainee(torch.nn.Module):
     """What the optimiser trains: the HMMN and, when `readout_loss` > 0, a 1x1 convolution that
     reads each object's mask at 1/16 from the model's res4 memory readout (the first V4
@@ -553,9 +573,12 @@ def train(cfg, out, resume=False, progress=True, stop_at=None):
             cfg = _resumed_config(paths, cfg)
         torch.manual_seed(cfg.seed)  # same initial weights on every process
         model = HMMN(cfg.model_config())
-        if cfg.tied_init:
+        if cfg.tied_init and not cfg.init:
             tie_initialisation(model)
-        trainee = Trainee(model, cfg.readout_loss).to(dist.device)
+        trainee = Trainee(model, cfg.readout_loss)
+        if cfg.init and not exists:
+            initialise_from(trainee, cfg.init)
+        trainee.to(dist.device)
         optimizer = torch.optim.Adam(trainee.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         use_amp = cfg.amp and dist.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

@@ -203,3 +203,24 @@ def test_readout_loss_reads_the_res4_readout():
     assert probe.shape == (N * K, T - 1, 1, S // 16, S // 16)
     total.backward()  # the loss reaches the memory keys through the readout
     assert trainee.probe.weight.grad.abs().sum() > 0 and trainee.model.KV_M_r4.Key.weight.grad.abs().sum() > 0
+
+
+def test_init_starts_from_given_weights(tmp_path):
+    first = tmp_path / "first"
+    train(tiny(pretrain_steps=2, main_steps=0), str(first), progress=False)
+    start = torch.load(first / "checkpoint.pt", weights_only=True)
+    # one step at a negligible learning rate: the run's weights are still the ones it started from
+    train(tiny(init=str(first / "checkpoint.pt"), pretrain_steps=0, main_steps=1, lr=1e-12), str(tmp_path / "second"),
+          progress=False)
+    second = torch.load(tmp_path / "second" / "checkpoint.pt", weights_only=True)
+    for part in ("state_dict", "probe"):
+        assert second[part].keys() == start[part].keys()
+        for name, value in start[part].items():
+            if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                continue  # batch-norm statistics move in a training step whatever the learning rate
+            torch.testing.assert_close(second[part][name], value, rtol=0, atol=1e-6, msg=name)
+    other = dict(backbone="tiny", key_dims=(8, 8, 8), value_dims=(32, 16, 8), decoder_dim=32)
+    with pytest.raises(ValueError, match="TrainConfig.init"):
+        train(tiny(init=str(first / "weights.pt"), model=other), str(tmp_path / "third"), progress=False)
+    with pytest.raises(FileNotFoundError, match="TrainConfig.init"):
+        train(tiny(init=str(tmp_path / "missing.pt")), str(tmp_path / "fourth"), progress=False)
