@@ -157,7 +157,9 @@ def test_davis_round_trip(davis_root):
     np.testing.assert_array_equal(seq.masks(), masks)  # PNG: exact
     assert np.abs(seq.frames().astype(int) - frames).mean() < 4  # JPEG: close
     assert seq.objects == {k: 0 for k in range(1, int(masks[0].max()) + 1)}
-    assert ds[0].name == "synth00001"
+    assert ds[0].name == "synth00001" and [s.name for s in ds] == ds.names
+    with pytest.raises(KeyError, match="'bear' is not in .*train.txt"):
+        ds["bear"]
     assert DAVIS(davis_root, "2017/train", sequences=["synth00001"]).names == ["synth00001"]
     leftovers = [n for _, _, files in os.walk(davis_root) for n in files if n.endswith(".tmp")]
     assert not leftovers

@@ -10,7 +10,7 @@ first annotation, as the DAVIS benchmark counts them.
 """
 import os
 
-from .video import Sequence
+from .video import Sequence, SequenceSet
 
 __all__ = ["DAVIS", "davis_paths"]
 
@@ -39,7 +39,7 @@ def _imset_file(root, imset):
     )
 
 
-class DAVIS:
+class DAVIS(SequenceSet):
     """The sequences of one DAVIS image set. `len(davis)`, `davis[i]` or `davis["name"]`, iteration.
 
     Each sequence must have either one annotation per frame (train/val) or only the first
@@ -81,23 +81,8 @@ class DAVIS:
             self._sequences[name] = seq
         self._list = list(self._sequences.values())
 
-    @property
-    def names(self):
-        return list(self._sequences)
-
-    def __len__(self):
-        return len(self._sequences)
-
-    def __iter__(self):
-        return iter(self._sequences.values())
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            try:
-                return self._sequences[key]
-            except KeyError:
-                raise KeyError(f"sequence {key!r} is not in {self.imset_file}") from None
-        return self._list[key]
+    def _where(self):
+        return self.imset_file
 
     def __repr__(self):
         return f"DAVIS({self.root!r}, set={self.set_name!r}, sequences={len(self)})"

@@ -149,3 +149,31 @@ class Sequence:
     @property
     def num_objects(self):
         return len(self.objects)
+
+
+class SequenceSet:
+    """Sequences by name (``set["bear"]``) or position (``set[0]``), in order; subclasses fill
+    ``self._sequences`` (name -> Sequence) and ``self._list`` (its values), and say where a name
+    was looked up (``_where``)."""
+
+    def _where(self):
+        return "the set"
+
+    @property
+    def names(self):
+        return list(self._sequences)
+
+    def __len__(self):
+        return len(self._sequences)
+
+    def __iter__(self):
+        return iter(self._list)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            try:
+                return self._sequences[key]
+            except KeyError:
+                raise KeyError(f"{key!r} is not in {self._where()}") from None
+        return self._list[key]
+

@@ -12,12 +12,12 @@ there, otherwise from the annotations themselves (read once, on first use).
 import json
 import os
 
-from .video import Sequence
+from .video import Sequence, SequenceSet
 
 __all__ = ["YouTubeVOS"]
 
 
-class YouTubeVOS:
+class YouTubeVOS(SequenceSet):
     """The videos of one YouTube-VOS split folder. `len(ds)`, `ds[i]` or `ds["video"]`, iteration."""
 
     def __init__(self, root, sequences=None):
@@ -69,23 +69,8 @@ class YouTubeVOS:
             first[int(key)] = frames[0]
         return first
 
-    @property
-    def names(self):
-        return list(self._sequences)
-
-    def __len__(self):
-        return len(self._sequences)
-
-    def __iter__(self):
-        return iter(self._list)
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            try:
-                return self._sequences[key]
-            except KeyError:
-                raise KeyError(f"video {key!r} is not in {self.root}") from None
-        return self._list[key]
+    def _where(self):
+        return self.root
 
     def __repr__(self):
         return f"YouTubeVOS({self.root!r}, videos={len(self)})"
