@@ -528,8 +528,27 @@ def export_weights(run, dest):
     save_checkpoint(dest, model)
     info = {"model": model.config.to_dict(), "train": cfg.to_dict(), "log": summary,
             "parameters": sum(p.numel() for p in model.parameters())}
+    before = _earlier_stages(cfg)
+    if before:
+        info["init"] = before
     write_text(os.path.splitext(dest)[0] + ".json", json.dumps(_plain(info), indent=2) + "\n")
     return info
+
+
+def _earlier_stages(cfg):
+    """The runs a run was initialised from (TrainConfig.init inside a run folder), newest first:
+    [{"run", "train", "log"}, ...], as far as their folders are there."""
+    stages, seen = [], set()
+    while cfg.init and os.path.dirname(os.path.abspath(cfg.init)) not in seen:
+        run = os.path.dirname(os.path.abspath(cfg.init))
+        seen.add(run)
+        paths = _paths(run)
+        if not (os.path.isfile(paths["config"]) and os.path.isfile(paths["log"])):
+            break
+        cfg = load_config(paths["config"])
+        stages.append({"run": os.path.relpath(run), "train": cfg.to_dict(),
+                       "log": log_summary(_read_log(paths["log"], cfg.total_steps + 1), cfg)})
+    return stages
 
 
 def log_summary(rows, cfg):

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The exact commands that produced the shipped weights hmmn_ops/weights/hmmn.pt (+ hmmn.json),
-# docs/training_loss.png and docs/training_log.csv, on a 2-core CPU (see docs/training.md).
+# docs/training_loss.png, docs/training_log.csv, docs/finetune_loss.png and docs/finetune_log.csv,
+# on a 2-core CPU (see docs/training.md).
+# Stage 1 + 2 (configs/release.yaml): pretraining on stills, main training on videos, 96x96.
+# Stage 3 (configs/finetune.yaml): main training continued at the demo's frame size, 112x192.
 # Resumable: after an interruption, run it again and training continues from the last checkpoint
 # (every 100 steps) exactly as if it had not stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN=${RUN:-runs/release}
 THREADS=${THREADS:-2}
 
-hmmn-vos train --config configs/release.yaml --out "$RUN" --resume --threads "$THREADS" \
+hmmn-vos train --config configs/release.yaml --out runs/release --resume --threads "$THREADS"
+hmmn-vos train --config configs/finetune.yaml --out runs/finetune --resume --threads "$THREADS" \
     --export hmmn_ops/weights/hmmn.pt
-cp "$RUN/loss.png" docs/training_loss.png
-cp "$RUN/log.csv" docs/training_log.csv
-hmmn-vos demo --out "$RUN/demo"
+cp runs/release/loss.png docs/training_loss.png
+cp runs/release/log.csv docs/training_log.csv
+cp runs/finetune/loss.png docs/finetune_loss.png
+cp runs/finetune/log.csv docs/finetune_log.csv
+hmmn-vos demo --out runs/finetune/demo

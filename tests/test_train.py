@@ -9,8 +9,8 @@ import torch
 from hmmn_ops.cli import main
 from hmmn_ops.models import load_model
 from hmmn_ops.models import HMMN
-from hmmn_ops.train import (TrainConfig, Trainee, _batches, _ramps, clip_loss, learning_rate, load_config,
-                            tie_initialisation, train)
+from hmmn_ops.train import (TrainConfig, Trainee, _batches, _ramps, clip_loss, export_weights, learning_rate,
+                            load_config, tie_initialisation, train)
 
 pytestmark = pytest.mark.slow
 
@@ -210,8 +210,8 @@ def test_init_starts_from_given_weights(tmp_path):
     train(tiny(pretrain_steps=2, main_steps=0), str(first), progress=False)
     start = torch.load(first / "checkpoint.pt", weights_only=True)
     # one step at a negligible learning rate: the run's weights are still the ones it started from
-    train(tiny(init=str(first / "checkpoint.pt"), pretrain_steps=0, main_steps=1, lr=1e-12), str(tmp_path / "second"),
-          progress=False)
+    train(tiny(init=str(first / "checkpoint.pt"), pretrain_steps=0, main_steps=1, lr=1e-12, video_seeds=(500, 600)),
+          str(tmp_path / "second"), progress=False)
     second = torch.load(tmp_path / "second" / "checkpoint.pt", weights_only=True)
     for part in ("state_dict", "probe"):
         assert second[part].keys() == start[part].keys()
@@ -224,3 +224,22 @@ def test_init_starts_from_given_weights(tmp_path):
         train(tiny(init=str(first / "weights.pt"), model=other), str(tmp_path / "third"), progress=False)
     with pytest.raises(FileNotFoundError, match="TrainConfig.init"):
         train(tiny(init=str(tmp_path / "missing.pt")), str(tmp_path / "fourth"), progress=False)
+
+
+def test_export_names_the_earlier_stages_and_demo_checks_their_seeds(tmp_path, capsys):
+    import json
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(tiny(pretrain_steps=1, main_steps=0), str(first), progress=False)
+    train(tiny(init=str(first / "checkpoint.pt"), pretrain_steps=0, main_steps=1, video_seeds=(500, 600)), str(second),
+          progress=False)
+    export_weights(str(second), str(tmp_path / "w.pt"))
+    info = json.loads((tmp_path / "w.json").read_text())
+    assert info["train"]["video_seeds"] == [500, 600]
+    assert [stage["train"]["video_seeds"] for stage in info["init"]] == [list(TrainConfig().video_seeds)]
+    assert info["init"][0]["log"]["pretrain"]["steps"] == 1
+    # seed 5 is a video of the first stage only: still refused
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--weights", str(tmp_path / "w.pt"), "--seed", "5",
+                 "--sequences", "1", "--quiet"]) == 2
+    assert "overlap the training video_seeds [0, 100000)" in capsys.readouterr().err
+

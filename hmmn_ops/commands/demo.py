@@ -111,12 +111,14 @@ def _check_held_out(weights, seeds):
     if not os.path.isfile(info):
         return
     with open(info, encoding="utf-8") as f:
-        train = json.load(f).get("train", {})
-    for field in ("video_seeds", "image_seeds"):
-        lo, hi = train.get(field, (0, 0))
-        if any(lo <= s < hi for s in seeds):
-            raise ValueError(f"--seed: the demo seeds {seeds[0]}..{seeds[-1]} overlap the training {field} [{lo}, {hi}) "
-                             f"of {weights}; choose seeds outside it")
+        info = json.load(f)
+    # every stage counts: the run that made the weights and the runs it started from
+    for train in [info.get("train", {})] + [stage.get("train", {}) for stage in info.get("init", [])]:
+        for field in ("video_seeds", "image_seeds"):
+            lo, hi = train.get(field, (0, 0))
+            if any(lo <= s < hi for s in seeds):
+                raise ValueError(f"--seed: the demo seeds {seeds[0]}..{seeds[-1]} overlap the training {field} "
+                                 f"[{lo}, {hi}) of {weights}; choose seeds outside it")
 
 
 def _model(weights, args):
