@@ -572,7 +572,7 @@ def train(cfg, out, resume=False, progress=True, stop_at=None):
     """Train per `cfg` into the folder `out`. `resume`: continue from out/checkpoint.pt if it
     exists (else start). `stop_at`: stop after that step with a checkpoint, as an interruption
     would (a later call with resume=True goes on). Returns {"step", "loss" (mean of the last
-    log interval), "out", "model"}.
+    log interval), "steps_run" (by this call), "out", "model"}.
 
     Under torchrun (WORLD_SIZE > 1) every process calls this; process 0 writes the files.
     """
@@ -630,6 +630,7 @@ def train(cfg, out, resume=False, progress=True, stop_at=None):
         t0, window, window_t = time.time(), [], time.time()
         last_loss = math.nan
         end = cfg.total_steps if stop_at is None else min(int(stop_at), cfg.total_steps)
+        first_step = step
         for step, batch in _batches(cfg, dist, datasets, step, end):
             torch.manual_seed(_step_seed(cfg, dist.rank, step))  # readout dropout, whatever came before
             dropout, p_hide, max_skip = _ramps(cfg, step)
@@ -669,6 +670,6 @@ def train(cfg, out, resume=False, progress=True, stop_at=None):
 
             save_checkpoint(paths["weights"], model)
         dist.barrier()
-        return {"step": end, "loss": last_loss, "out": out, "model": model}
+        return {"step": end, "steps_run": max(0, end - first_step), "loss": last_loss, "out": out, "model": model}
     finally:
         dist.close()

@@ -41,5 +41,8 @@ def run(args):
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"hmmn-vos train: error: {e}", file=sys.stderr)
         return 2
-    print(f"trained {summary['step']} steps, last loss {summary['loss']:.4f}: {args.out}")
+    if summary["steps_run"] == 0:
+        print(f"{args.out}: already trained to step {summary['step']}, nothing to do")
+    else:
+        print(f"trained {summary['step']} steps, last loss {summary['loss']:.4f}: {args.out}")
     return 0
