@@ -99,7 +99,7 @@ def global_track(mk, qk):
 def topk_guided_read(qk, mk, mv, indices, scale=None):
     B, Ck, T, H, W = mk.shape
     Cv = mv.shape[1]
-    cells, k = indices.shape[1], indices.shape[2]
+    cells = indices.shape[1]
     r = next(r for r in range(1, H + 1) if (H // r) * (W // r) == cells and H % r == 0 and W % r == 0)
     Hc, Wc = H // r, W // r
     scale = 1 / math.sqrt(Ck) if scale is None else scale

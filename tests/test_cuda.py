@@ -19,6 +19,8 @@ import hmmn_ops
 from hmmn_ops import reference
 from hmmn_ops.backends import native_ops
 
+from inputs import LAYOUTS, Inputs, channels_last, strided
+
 pytestmark = pytest.mark.cuda
 
 DEV = "cuda"
@@ -48,39 +50,8 @@ def _native(op):
 # ---------------------------------------------------------------- inputs
 
 
-def _randn(*shape, dtype=F32):
-    return torch.randn(*shape, dtype=dtype, device=DEV)
-
-
-def _ints(*shape, dtype=F32, lo=-1, hi=1):
-    """Small integer values: every score is exact in any dtype and summation order (ties reproducible)."""
-    return torch.randint(lo, hi + 1, shape, device=DEV).to(dtype)
-
-
-def _channels_last(x):
-    perm = [0, *range(2, x.dim()), 1]
-    return x.permute(perm).contiguous().permute([perm.index(i) for i in range(x.dim())])
-
-
-def _strided(x):
-    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
-    wide[..., ::2] = x
-    return wide[..., ::2]
-
-
-LAYOUTS = {"contig": lambda x: x, "channels_last": _channels_last, "strided": _strided}
-
-
-def _read_args(B, Ck, Cv, T, H, W, gaussian, dtype=F32, layout="contig", values=_randn):
-    lay = LAYOUTS[layout]
-    q, k = lay(values(B, Ck, H, W, dtype=dtype)), lay(values(B, Ck, T, H, W, dtype=dtype))
-    v = lay(_randn(B, Cv, T, H, W, dtype=dtype))
-    centers = sigma = None
-    if gaussian:
-        centers = torch.randint(-1, H * W, (B, T, H, W), device=DEV)
-        centers[..., 0, 0] = H * W - 1  # a far corner: the largest bias
-        sigma = torch.rand(B, T, dtype=reference.acc_dtype(dtype), device=DEV) * 2 + 0.5
-    return q, k, v, centers, sigma
+_IN = Inputs(DEV)
+_randn, _ints, _read_args = _IN.randn, _IN.ints, _IN.read_args
 
 
 def _to(args, dtype):
@@ -394,9 +365,9 @@ def test_global_track_lower_precision_by_score(dtype):
 
 
 def test_track_noncontiguous():
-    mk, qk = _channels_last(_randn(2, 5, 6, 7, dtype=F64)), _strided(_randn(2, 5, 6, 7, dtype=F64))
+    mk, qk = channels_last(_randn(2, 5, 6, 7, dtype=F64)), strided(_randn(2, 5, 6, 7, dtype=F64))
     assert torch.equal(_native("local_track")(mk, qk, 5), reference.local_track(mk, qk, 5))
-    mk5 = _channels_last(_randn(2, 5, 3, 6, 7, dtype=F64))
+    mk5 = channels_last(_randn(2, 5, 3, 6, 7, dtype=F64))
     assert torch.equal(_native("global_track")(mk5, qk), reference.global_track(mk5, qk))
 
 

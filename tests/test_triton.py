@@ -19,6 +19,8 @@ import torch
 import hmmn_ops
 from hmmn_ops import reference
 
+from inputs import LAYOUTS, Inputs
+
 pytest.importorskip("triton")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -43,41 +45,8 @@ def _close(got, want):
     torch.testing.assert_close(got, want, **TOL.get(want.dtype, {}))
 
 
-def _randn(*shape, dtype=F32):
-    return torch.randn(*shape, dtype=dtype).to(DEVICE)
-
-
-def _ints(*shape, dtype=F32, lo=-1, hi=1):
-    """Small integer values: every logit is exact, so ties and top-k orders are reproducible."""
-    return torch.randint(lo, hi + 1, shape).to(dtype=dtype, device=DEVICE)
-
-
-def _channels_last(x):
-    """Same values, channels stored last (a permuted, non-contiguous view)."""
-    perm = [0, *range(2, x.dim()), 1]
-    return x.permute(perm).contiguous().permute([perm.index(i) for i in range(x.dim())])
-
-
-def _strided(x):
-    """Same values in every other element of the last dim (stride 2, non-contiguous)."""
-    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
-    wide[..., ::2] = x
-    return wide[..., ::2]
-
-
-LAYOUTS = {"contig": lambda x: x, "channels_last": _channels_last, "strided": _strided}
-
-
-def _read_args(B, Ck, Cv, T, H, W, gaussian, dtype=F32, layout="contig", values=_randn):
-    lay = LAYOUTS[layout]
-    q, k, v = lay(values(B, Ck, H, W, dtype=dtype)), lay(values(B, Ck, T, H, W, dtype=dtype)), lay(
-        _randn(B, Cv, T, H, W, dtype=dtype))
-    centers = sigma = None
-    if gaussian:
-        centers = torch.randint(-1, H * W, (B, T, H, W), device=DEVICE)
-        centers[..., 0, 0] = H * W - 1  # a far corner: the largest bias
-        sigma = torch.rand(B, T, dtype=reference.acc_dtype(dtype), device=DEVICE) * 2 + 0.5
-    return q, k, v, centers, sigma
+_IN = Inputs(DEVICE)
+_randn, _ints, _read_args = _IN.randn, _IN.ints, _IN.read_args
 
 
 # ---------------------------------------------------------------- kernel_guided_read
