@@ -104,6 +104,21 @@ inline void check_sizes(const at::Tensor& t, const char* name, std::initializer_
   }
 }
 
+// The saved forward results and incoming gradient of a read's backward (both reads have them).
+inline void check_read_backward(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse, int64_t B,
+                                int64_t Cv, int64_t H, int64_t W) {
+  auto check_map = [&](const at::Tensor& t, const char* name) {
+    check_tensor(t, name, 4, "(B, Cv, H, W)");
+    check_sizes(t, name, {B, Cv, H, W}, "(B, Cv, H, W)");
+    check_floating(t, name);
+  };
+  check_map(grad_out, "grad_out");
+  check_map(out, "out");
+  check_tensor(lse, "lse", 2, "(B, H*W)");
+  check_sizes(lse, "lse", {B, H * W}, "(B, H*W)");
+  check_floating(lse, "lse");
+}
+
 inline void check_int64(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kLong, name, ": expected dtype int64, got ", t.scalar_type());
 }

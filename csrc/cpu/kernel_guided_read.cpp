@@ -197,15 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_guided_read_backward(
     const at::Tensor& out, const at::Tensor& lse, double scale) {
   Read r = prepare_read(query_key, memory_key, memory_value, centers, sigma);
   const int64_t B = r.B, Ck = r.Ck, Cv = r.Cv, HW = r.HW, M = r.M;
-  check_tensor(grad_out, "grad_out", 4, "(B, Cv, H, W)");
-  check_tensor(out, "out", 4, "(B, Cv, H, W)");
-  check_tensor(lse, "lse", 2, "(B, H*W)");
-  check_sizes(grad_out, "grad_out", {B, Cv, r.H, r.W}, "(B, Cv, H, W)");
-  check_sizes(out, "out", {B, Cv, r.H, r.W}, "(B, Cv, H, W)");
-  check_sizes(lse, "lse", {B, HW}, "(B, H*W)");
-  check_floating(grad_out, "grad_out");
-  check_floating(out, "out");
-  check_floating(lse, "lse");
+  check_read_backward(grad_out, out, lse, B, Cv, r.H, r.W);
 
   auto dq = at::empty({B, Ck, HW}, r.q.options());
   auto dk = at::zeros({B, Ck, M}, r.q.options());

@@ -168,15 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_guided_read_backward(
     double scale, int64_t ratio) {
   TopkRead t = prepare(query_key, memory_key, memory_value, topk_indices, ratio);
   const int64_t B = t.B, rr = t.r * t.r, m = t.k * rr, Ck = t.Ck, Cv = t.Cv, HW = t.HW, M = t.M, Nc = t.Nc;
-  check_tensor(grad_out, "grad_out", 4, "(B, Cv, H, W)");
-  check_tensor(out, "out", 4, "(B, Cv, H, W)");
-  check_tensor(lse, "lse", 2, "(B, H*W)");
-  check_sizes(grad_out, "grad_out", {B, Cv, t.H, t.W}, "(B, Cv, H, W)");
-  check_sizes(out, "out", {B, Cv, t.H, t.W}, "(B, Cv, H, W)");
-  check_sizes(lse, "lse", {B, HW}, "(B, H*W)");
-  check_floating(grad_out, "grad_out");
-  check_floating(out, "out");
-  check_floating(lse, "lse");
+  check_read_backward(grad_out, out, lse, B, Cv, t.H, t.W);
 
   auto dq = at::empty({B, Ck, HW}, t.qt.options());
   auto dkt = at::zeros({B, M, Ck}, t.qt.options());
