@@ -15,14 +15,16 @@ The recipe:
   or DAVIS / YouTube-VOS folders), the maximum interval ramped ``max_skip`` (0 -> 25); readout
   dropout ramped ``main_dropout`` (0.5 -> 0);
 - loss: pixel-wise cross-entropy on the soft-aggregated logits of frames 1 and 2
-  (``HMMN.forward``, where kernel guidance is off, as in the papers), plus, for training from
-  scratch, an auxiliary loss on the res4 memory readout (``Trainee``, ``readout_loss``); Adam,
+  (``HMMN.forward``, where kernel guidance is off, as in the papers; main-training clips have
+  ``clip_frames`` frames, 3 as in the papers), plus, for training from
+  scratch, auxiliary losses on the memory readouts (``Trainee``: res4 ``readout_loss``, res3 /
+  res2 ``fine_readout_loss``); Adam,
   a linear warm-up then a cosine decay over the whole run. ``tied_init`` starts the memory
   side as a copy of the query side (``tie_initialisation``).
 
 Determinism and resuming: the clips of a step are fixed by (seed, stage, epoch, index), the
 torch RNG (readout dropout) is re-seeded from (seed, rank, step) before every step, and the
-checkpoint holds the model, the readout probe, the optimiser, the AMP scaler and the step. So a resumed run
+checkpoint holds the model, the readout probes, the optimiser, the AMP scaler and the step. So a resumed run
 computes exactly what an uninterrupted one would.
 
 Ramps move once per data epoch (``steps_per_epoch`` steps; data loader workers hold a copy of
@@ -66,6 +68,7 @@ class TrainConfig:
     # data
     size: tuple = (96, 96)  # training crop (H, W)
     max_objects: int = 3
+    clip_frames: int = 3  # frames of a main-training clip (STM / KMN / HMMN: 3); pretraining clips have 3
     synthetic: dict = dataclasses.field(default_factory=lambda: dict(height=112, width=160, num_frames=30))
     video_seeds: tuple = (0, 100_000)  # synthetic videos of main training
     image_seeds: tuple = (100_000, 200_000)  # synthetic stills of pretraining (frame 0 of those videos)
@@ -87,7 +90,8 @@ class TrainConfig:
     main_dropout: tuple = (0.5, 0.0)
     hide: tuple = (0.0, 0.5)
     max_skip: tuple = (0, 25)
-    readout_loss: float = 1.0  # weight of the auxiliary res4 readout loss (ReadoutProbe), 0: none
+    readout_loss: float = 1.0  # weight of the auxiliary res4 readout loss (Trainee), 0: none
+    fine_readout_loss: float = 0.0  # weight of each of the res3 / res2 readout losses (Trainee), 0: none
     tied_init: bool = True  # start memory encoder / key heads as copies of the query ones (tie_initialisation)
     init: str = None  # start from these weights (a run's checkpoint.pt / weights.pt, or exported weights) instead
     amp: bool = True  # float16 autocast + gradient scaling, on CUDA only
@@ -112,6 +116,7 @@ class TrainConfig:
         checks = [
             ("size", len(self.size) == 2 and min(self.size) >= 16, "two ints >= 16"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("clip_frames", self.clip_frames >= 2, ">= 2 (a memory frame and a query)"),
             ("workers", self.workers >= 0, ">= 0"),
             ("steps_per_epoch", self.steps_per_epoch >= 1, ">= 1"),
             ("pretrain_steps", self.pretrain_steps >= 0, ">= 0"),
@@ -267,7 +272,7 @@ def _datasets(cfg):
         videos = SyntheticVideos(range(*cfg.video_seeds), synth)
     # samples_per_epoch is set per epoch by _batches (it depends on the world size)
     pre = ImageClips(images, cfg.size, max_objects=cfg.max_objects, seed=cfg.seed)
-    main = VideoClips(videos, cfg.size, max_objects=cfg.max_objects, seed=cfg.seed + 1)
+    main = VideoClips(videos, cfg.size, num_frames=cfg.clip_frames, max_objects=cfg.max_objects, seed=cfg.seed + 1)
     return pre, main
 
 
@@ -344,7 +349,7 @@ def tie_initialisation(model):
 
 
 def initialise_from(trainee, path):
-    """Load the model (and the readout probe, when the file has one) of `path`: a run's
+    """Load the model (and the readout probes the file has) of `path`: a run's
     checkpoint.pt or weights.pt, or exported weights. The architecture must be the config's:
     the fields that change the weights' shapes must agree; matching switches may differ."""
     from .models import load_model
@@ -357,49 +362,78 @@ def initialise_from(trainee, path):
     except RuntimeError as e:
         raise ValueError(f"TrainConfig.init: {path} holds another architecture than TrainConfig.model "
                          f"({source.config.to_dict()}): {str(e).splitlines()[0]}") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if getattr(trainee, "probe", None) is not None and "probe" in state:
-        trainee.probe.load_state_dict(state["probe"])
+    trainee.load_probe_state(torch.load(path, map_location="cpu", weights_only=True), required=False)
 
 
 class Trainee(torch.nn.Module):
-    """What the optimiser trains: the HMMN and, when `readout_loss` > 0, a 1x1 convolution that
-    reads each object's mask at 1/16 from the model's res4 memory readout (the first V4
-    channels of the decoder's input, taken by a hook).
+    """What the optimiser trains: the HMMN and readout probes, 1x1 convolutions that read each
+    object's mask from the model's memory readouts (the decoder's inputs, taken by a hook,
+    before the readout dropout): at 1/16 from the res4 readout when `readout_loss` > 0, and at
+    1/8 and 1/4 from the res3 and res2 top-k readouts when `fine_readout_loss` > 0.
 
     Why: from scratch, the decoder first learns to find object-like pixels from the query's own
     features, the readout is ignored, the keys get no gradient and drift until every query reads
     the same memory position (seen here within a few hundred steps: no memory, only objectness).
     A loss that asks the readout itself for the object's mask rewards matching from step 0
-    (the readout of the mask is the matched, propagated mask). The probe is not part of the
-    model and is not shipped; inference is unchanged.
+    (the readout of the mask is the matched, propagated mask). The fine readouts are ignored by
+    the decoder the same way (zeroing them at test time changed J by < 0.01) unless asked for
+    the mask too. The probes are not part of the model and are not shipped; inference is unchanged.
     """
 
-    def __init__(self, model, readout_loss=0.0):
+    STRIDES = (16, 8, 4)  # of the res4, res3, res2 readouts
+
+    def __init__(self, model, readout_loss=0.0, fine_readout_loss=0.0):
         super().__init__()
         self.model = model
         self.readout_loss = float(readout_loss)
+        self.fine_readout_loss = float(fine_readout_loss)
         if self.readout_loss > 0:
             self.probe = torch.nn.Conv2d(model.config.value_dims[0], 1, 1)
+        if self.fine_readout_loss > 0:
+            self.fine_probes = torch.nn.ModuleList(torch.nn.Conv2d(v, 1, 1) for v in model.config.value_dims[1:])
 
     def forward(self, frames, masks):
-        """(logits (N, T-1, K+1, H, W), probe logits (N*K, T-1, 1, h16, w16) or None)."""
-        if self.readout_loss <= 0:
-            return self.model(frames, masks), None
+        """(logits (N, T-1, K+1, H, W), probe logits {stride: (N*K, T-1, 1, H/stride, W/stride)}
+        for the strides whose loss is on)."""
+        if self.readout_loss <= 0 and self.fine_readout_loss <= 0:
+            return self.model(frames, masks), {}
         readouts = []
         v4 = self.model.config.value_dims[0]
-        hook = self.model.Decoder.register_forward_pre_hook(lambda module, args: readouts.append(args[0][:, :v4]))
+        hook = self.model.Decoder.register_forward_pre_hook(
+            lambda module, args: readouts.append((args[0][:, :v4], args[3], args[4])))
         try:
             logits = self.model(frames, masks)
         finally:
             hook.remove()
-        return logits, torch.stack([self.probe(r) for r in readouts], 1)
+        probes = {}
+        if self.readout_loss > 0:
+            probes[16] = torch.stack([self.probe(r[0]) for r in readouts], 1)
+        if self.fine_readout_loss > 0:
+            for level, (stride, probe) in enumerate(zip(self.STRIDES[1:], self.fine_probes), 1):
+                probes[stride] = torch.stack([probe(r[level]) for r in readouts], 1)
+        return logits, probes
+
+    def probe_state(self):
+        """The probes' weights, as checkpoints hold them."""
+        state = {}
+        if self.readout_loss > 0:
+            state["probe"] = self.probe.state_dict()
+        if self.fine_readout_loss > 0:
+            state["fine_probes"] = self.fine_probes.state_dict()
+        return state
+
+    def load_probe_state(self, state, required=True):
+        """Load what `probe_state` saved; `required=False` skips probes the state lacks."""
+        for name in self.probe_state():
+            if name in state or required:
+                getattr(self, name).load_state_dict(state[name])
 
 
 def clip_loss(trainee, batch, device, autocast):
     """(loss to minimise, its cross-entropy and readout-loss parts, detached) of a batch of clips: frame 0's masks given,
-    frames 1.. predicted. The cross-entropy is on the soft-aggregated logits; the readout loss
-    (see Trainee) is a binary cross-entropy against each object's mask averaged to 1/16."""
+    frames 1.. predicted. The cross-entropy is on the soft-aggregated logits; a readout loss
+    (see Trainee) is a binary cross-entropy against each object's mask averaged over the
+    readout's cells; the readout-loss part is their weighted sum."""
     from .models.hmmn import pad_to_multiple
 
     # contiguous: the clips' frames are permuted views, which a batch keeps in the main process but
@@ -409,17 +443,22 @@ def clip_loss(trainee, batch, device, autocast):
     masks = batch["masks"].to(device, non_blocking=True)[:, :, 1:].contiguous()  # objects only
     labels = batch["labels"][:, 1:].to(device, non_blocking=True)
     with autocast:
-        logits, probe = trainee(frames, masks[:, 0])
+        logits, probes = trainee(frames, masks[:, 0])
     ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(0, 1))
-    weight = getattr(trainee, "module", trainee).readout_loss
-    if probe is None:
+    if not probes:
         return ce, ce.detach(), torch.zeros(())
-    target = F.avg_pool2d(pad_to_multiple(masks[:, 1:])[0].flatten(0, 1), 16)  # (N*(T-1), K, h16, w16)
+    inner = getattr(trainee, "module", trainee)
     N, T1, K = masks.shape[0], masks.shape[1] - 1, masks.shape[2]
-    target = target.view(N, T1, K, *target.shape[-2:]).transpose(1, 2).reshape(N * K, T1, 1, *target.shape[-2:])
+    padded = pad_to_multiple(masks[:, 1:])[0].flatten(0, 1)  # (N*(T-1), K, H, W)
     valid = masks[:, 0].flatten(2).amax(2).flatten() > 0  # objects present in the clip
-    aux = F.binary_cross_entropy_with_logits(probe.float()[valid], target[valid]) if valid.any() else probe.sum() * 0
-    return ce + weight * aux, ce.detach(), aux.detach()
+    aux = 0
+    for stride, probe in probes.items():
+        target = F.avg_pool2d(padded, stride)
+        target = target.view(N, T1, K, *target.shape[-2:]).transpose(1, 2).reshape(N * K, T1, 1, *target.shape[-2:])
+        weight = inner.readout_loss if stride == 16 else inner.fine_readout_loss
+        part = F.binary_cross_entropy_with_logits(probe.float()[valid], target[valid]) if valid.any() else probe.sum() * 0
+        aux = aux + weight * part
+    return ce + aux, ce.detach(), aux.detach()
 
 
 # ---------------------------------------------------------------- files
@@ -505,9 +544,8 @@ def plot_loss(rows, path, pretrain_steps=None, title="training loss"):
 def _save(paths, trainee, optimizer, scaler, step, world, cfg, rows):
     from .models import save_checkpoint
 
-    probe = {"probe": trainee.probe.state_dict()} if cfg.readout_loss > 0 else {}
     save_checkpoint(paths["checkpoint"], trainee.model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    step=step, world_size=world, train_config=cfg.to_dict(), **probe)
+                    step=step, world_size=world, train_config=cfg.to_dict(), **trainee.probe_state())
     _write_log(paths["log"], rows)
     if rows:
         plot_loss(rows, paths["plot"], cfg.pretrain_steps)
@@ -594,7 +632,7 @@ def train(cfg, out, resume=False, progress=True, stop_at=None):
         model = HMMN(cfg.model_config())
         if cfg.tied_init and not cfg.init:
             tie_initialisation(model)
-        trainee = Trainee(model, cfg.readout_loss)
+        trainee = Trainee(model, cfg.readout_loss, cfg.fine_readout_loss)
         if cfg.init and not exists:
             initialise_from(trainee, cfg.init)
         trainee.to(dist.device)
@@ -606,8 +644,7 @@ def train(cfg, out, resume=False, progress=True, stop_at=None):
         if exists:
             state = torch.load(paths["checkpoint"], map_location=dist.device, weights_only=True)
             model.load_state_dict(state["state_dict"])
-            if cfg.readout_loss > 0:
-                trainee.probe.load_state_dict(state["probe"])
+            trainee.load_probe_state(state)
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             step = int(state["step"])

@@ -171,16 +171,23 @@ def test_readout_dropout_drops_whole_samples():
     B = 16
     q = expand_query(model.encode_query(torch.rand(1, 3, 32, 32)), B)
     bank = Memory(*(x.unsqueeze(2) for x in model.encode_memory(torch.rand(1, 3, 32, 32), torch.rand(1, B, 32, 32))))
-    model.eval()
-    _, full3, full2 = model.read(q, bank)
-    assert (full3.flatten(1).abs().sum(1) > 0).all()  # eval: never dropped
+    m4, full3, full2 = model.read(q, bank)
+    seen = {}  # the readouts the refinement stages get
+    for name in ("RF3", "RF2"):
+        getattr(model.Decoder, name).register_forward_pre_hook(lambda module, args, name=name: seen.update({name: args[2]}))
+
+    def decoded(p, training):
+        model.train(training)
+        model.readout_dropout = p
+        model.Decoder(m4, q.r3, q.r2, full3, full2)
+        return seen["RF3"], seen["RF2"]
+
+    for got, full in zip(decoded(1.0, training=False), (full3, full2)):
+        assert got is full  # eval: never dropped
     model.train()
-    model.readout_dropout = 1.0
-    _, r3, r2 = model.read(q, bank)
-    assert r3.abs().sum() == 0 and r2.abs().sum() == 0
-    model.readout_dropout = 0.5
-    _, r3, r2 = model.read(q, bank)
-    for got, full in ((r3, full3), (r2, full2)):
+    torch.testing.assert_close(model.read(q, bank)[1], full3)  # the read itself never drops
+    assert all(r.abs().sum() == 0 for r in decoded(1.0, training=True))
+    for got, full in zip(decoded(0.5, training=True), (full3, full2)):
         dropped = got.flatten(1).abs().sum(1) == 0
         assert 0 < int(dropped.sum()) < B  # 16 coin flips (all equal: 2 in 65536)
         torch.testing.assert_close(got[~dropped], full[~dropped])  # the others are untouched

@@ -1,5 +1,6 @@
 """Training: a few steps end to end, exact resume, DDP over 2 gloo processes, the config and its ramps."""
 import csv
+import math
 import os
 import socket
 
@@ -9,7 +10,7 @@ import torch
 from hmmn_ops.cli import main
 from hmmn_ops.models import load_model
 from hmmn_ops.models import HMMN
-from hmmn_ops.train import (TrainConfig, Trainee, _batches, _ramps, clip_loss, export_weights, learning_rate,
+from hmmn_ops.train import (TrainConfig, Trainee, _batches, _datasets, _ramps, clip_loss, export_weights, learning_rate,
                             load_config, tie_initialisation, train)
 
 pytestmark = pytest.mark.slow
@@ -65,18 +66,19 @@ def test_smoke_cli(tmp_path, capsys):
 
 
 def test_resume_is_exact(tmp_path):
-    cfg = tiny(checkpoint_every=1)
+    cfg = tiny(checkpoint_every=1, fine_readout_loss=0.5)
     whole = train(cfg, str(tmp_path / "whole"), progress=False)
     parts = tmp_path / "parts"
     train(cfg, str(parts), progress=False, stop_at=2)  # mid data epoch, in pretraining
     assert not (parts / "weights.pt").exists()
     # across the stage change, with a loader process this time (`workers` may change on resume)
-    train(tiny(checkpoint_every=1, workers=1), str(parts), resume=True, progress=False, stop_at=4)
+    train(tiny(checkpoint_every=1, fine_readout_loss=0.5, workers=1), str(parts), resume=True, progress=False, stop_at=4)
     last = train(cfg, str(parts), resume=True, progress=False)
     assert states_equal(whole["model"].state_dict(), last["model"].state_dict())  # bit for bit
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     b = torch.load(parts / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
+    assert all(states_equal(a[part], b[part]) for part in ("probe", "fine_probes"))
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     assert all(states_equal(a["optimizer"]["state"][i], b["optimizer"]["state"][i]) for i in a["optimizer"]["state"])
     assert log_rows(tmp_path / "whole") == log_rows(parts)
@@ -178,6 +180,17 @@ def test_config_file_and_overrides(tmp_path):
         TrainConfig(model=dict(kernel="gauss"))
 
 
+def test_longer_main_training_clips(tmp_path):
+    cfg = tiny(clip_frames=5, pretrain_steps=0, main_steps=2)
+    pre, main = _datasets(cfg)
+    main.samples_per_epoch = pre.samples_per_epoch = 1
+    assert main[0]["frames"].shape[0] == 5 and pre[0]["frames"].shape[0] == 3
+    result = train(cfg, str(tmp_path), progress=False)  # frames 1..4 segmented, each from all earlier ones
+    assert math.isfinite(result["loss"])
+    with pytest.raises(ValueError, match="TrainConfig.clip_frames"):
+        tiny(clip_frames=1)
+
+
 def test_tied_initialisation_matches_memory_and_query_keys():
     model = tie_initialisation(HMMN(tiny().model_config())).eval()
     frame = torch.rand(1, 3, 32, 48)
@@ -188,21 +201,47 @@ def test_tied_initialisation_matches_memory_and_query_keys():
         torch.testing.assert_close(getattr(memory, level), getattr(query, level).expand(2, -1, -1, -1))
 
 
-def test_readout_loss_reads_the_res4_readout():
-    torch.manual_seed(0)
-    trainee = Trainee(HMMN(tiny().model_config()), readout_loss=0.5)
+def _two_clips():
     N, T, K, S = 2, 3, 2, 32
     labels = torch.zeros(N, T, S, S, dtype=torch.int64)
     labels[:, :, 4:20, 4:20] = 1
     labels[0, :, 20:30, 20:30] = 2  # clip 1 has one object: its second channel is absent
-    batch = {"frames": torch.rand(N, T, 3, S, S), "labels": labels,
-             "masks": torch.nn.functional.one_hot(labels, K + 1).permute(0, 1, 4, 2, 3).float()}
+    return {"frames": torch.rand(N, T, 3, S, S), "labels": labels,
+            "masks": torch.nn.functional.one_hot(labels, K + 1).permute(0, 1, 4, 2, 3).float()}
+
+
+def test_readout_loss_reads_the_res4_readout():
+    torch.manual_seed(0)
+    trainee = Trainee(HMMN(tiny().model_config()), readout_loss=0.5)
+    batch = _two_clips()
+    N, T, K, S = 2, 3, 2, 32
     total, ce, aux = clip_loss(trainee, batch, torch.device("cpu"), torch.autocast("cpu", enabled=False))
-    assert total.item() == pytest.approx(ce.item() + 0.5 * aux.item(), rel=1e-6) and aux.item() > 0
-    _, probe = trainee(batch["frames"], batch["masks"][:, 0, 1:])
-    assert probe.shape == (N * K, T - 1, 1, S // 16, S // 16)
+    assert total.item() == pytest.approx(ce.item() + aux.item(), rel=1e-6) and aux.item() > 0
+    _, probes = trainee(batch["frames"], batch["masks"][:, 0, 1:])
+    assert list(probes) == [16] and probes[16].shape == (N * K, T - 1, 1, S // 16, S // 16)
     total.backward()  # the loss reaches the memory keys through the readout
     assert trainee.probe.weight.grad.abs().sum() > 0 and trainee.model.KV_M_r4.Key.weight.grad.abs().sum() > 0
+    assert trainee.model.KV_M_r2.Key.weight.grad.abs().sum() > 0  # through the decoder
+    assert not hasattr(trainee, "fine_probes")
+
+
+def test_fine_readout_loss_reads_the_res3_res2_readouts_undropped():
+    torch.manual_seed(0)
+    trainee = Trainee(HMMN(tiny().model_config()), readout_loss=0.0, fine_readout_loss=2.0)
+    trainee.model.readout_dropout = 1.0  # the decoder never sees the fine readouts, the probes do
+    batch = _two_clips()
+    N, T, K, S = 2, 3, 2, 32
+    _, probes = trainee(batch["frames"], batch["masks"][:, 0, 1:])
+    assert {stride: p.shape for stride, p in probes.items()} == {
+        8: (N * K, T - 1, 1, S // 8, S // 8), 4: (N * K, T - 1, 1, S // 4, S // 4)}
+    total, ce, aux = clip_loss(trainee, batch, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert aux.item() > 0 and total.item() == pytest.approx(ce.item() + aux.item(), rel=1e-6)
+    total.backward()
+    model = trainee.model
+    for level in ("r3", "r2"):  # only the probes' losses reach the fine memory keys here
+        assert getattr(model, f"KV_M_{level}").Key.weight.grad.abs().sum() > 0
+    assert all(p.weight.grad.abs().sum() > 0 for p in trainee.fine_probes)
+    assert model.Decoder.RF3.convMemory.weight.grad.abs().sum() == 0  # dropped on the way into the decoder
 
 
 def test_init_starts_from_given_weights(tmp_path):
@@ -210,9 +249,11 @@ def test_init_starts_from_given_weights(tmp_path):
     train(tiny(pretrain_steps=2, main_steps=0), str(first), progress=False)
     start = torch.load(first / "checkpoint.pt", weights_only=True)
     # one step at a negligible learning rate: the run's weights are still the ones it started from
-    train(tiny(init=str(first / "checkpoint.pt"), pretrain_steps=0, main_steps=1, lr=1e-12, video_seeds=(500, 600)),
-          str(tmp_path / "second"), progress=False)
+    # (with fine readout probes, which the first run had not: they start fresh)
+    train(tiny(init=str(first / "checkpoint.pt"), pretrain_steps=0, main_steps=1, lr=1e-12, video_seeds=(500, 600),
+               fine_readout_loss=1.0), str(tmp_path / "second"), progress=False)
     second = torch.load(tmp_path / "second" / "checkpoint.pt", weights_only=True)
+    assert "fine_probes" not in start and "fine_probes" in second
     for part in ("state_dict", "probe"):
         assert second[part].keys() == start[part].keys()
         for name, value in start[part].items():

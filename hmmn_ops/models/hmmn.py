@@ -221,8 +221,15 @@ class Refine(nn.Module):
 
 
 class Decoder(nn.Module):
+    """convFM + ResBlock at 1/16, then the res3 and res2 refinements, then a 2-class head.
+
+    ``readout_dropout``: in training, every sample's whole res3 and res2 readout is zeroed with
+    this probability on the way in (so whatever reads the decoder's inputs, as the training's
+    readout probes do, sees them undropped)."""
+
     def __init__(self, in_dim, skip_dims, readout_dims, dim):
         super().__init__()
+        self.readout_dropout = 0.0
         self.convFM = nn.Conv2d(in_dim, dim, 3, padding=1)
         self.ResMM = ResBlock(dim)
         self.RF3 = Refine(skip_dims[0], readout_dims[0], dim)
@@ -230,6 +237,8 @@ class Decoder(nn.Module):
         self.pred2 = nn.Conv2d(dim, 2, 3, padding=1)
 
     def forward(self, m4, r3, r2, read3, read2):
+        if self.training and self.readout_dropout > 0:
+            read3, read2 = (_drop_whole(r, self.readout_dropout) for r in (read3, read2))
         m = self.ResMM(self.convFM(m4))
         m = self.RF3(r3, m, read3)
         m = self.RF2(r2, m, read2)
@@ -245,9 +254,9 @@ class HMMN(nn.Module):
     ``HMMN(config)`` or ``HMMN(**fields)`` any ``HMMNConfig``.
 
     ``readout_dropout`` (attribute, default 0): during training, every sample's whole res3
-    and res2 readout is zeroed with this probability (independently per readout, no
-    rescaling, so the decoder sees the same scale as at test time). Change it between
-    steps to schedule it.
+    and res2 readout is zeroed with this probability as it enters the decoder (independently
+    per readout, no rescaling, so the decoder sees the same scale as at test time). Change it
+    between steps to schedule it.
     """
 
     def __init__(self, config=None, **fields):
@@ -268,7 +277,14 @@ class HMMN(nn.Module):
         self.KV_M_r2 = KeyValue(c2, k2, v2)
         self.KV_Q_r2 = KeyValue(c2, k2)
         self.Decoder = Decoder(2 * v4, (c3, c2), (v3, v2), config.decoder_dim)
-        self.readout_dropout = 0.0
+
+    @property
+    def readout_dropout(self):
+        return self.Decoder.readout_dropout
+
+    @readout_dropout.setter
+    def readout_dropout(self, p):
+        self.Decoder.readout_dropout = float(p)
 
     def extra_repr(self):
         return f"config={self.config}"
@@ -341,8 +357,6 @@ class HMMN(nn.Module):
             r4 = hmmn_ops.kernel_guided_read(query.k4, memory.k4, memory.v4, centers, sigma)
             r3 = hmmn_ops.kernel_guided_read(query.k3, memory.k3, memory.v3)
             r2 = hmmn_ops.kernel_guided_read(query.k2, memory.k2, memory.v2)
-        if self.training and self.readout_dropout > 0:
-            r3, r2 = (_drop_whole(r, self.readout_dropout) for r in (r3, r2))
         return torch.cat([r4, query.v4], 1), r3, r2
 
     def segment(self, query, memory, centers=None, sigma=None, fine_frames=None):
