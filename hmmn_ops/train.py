@@ -380,8 +380,6 @@ class Trainee(torch.nn.Module):
     the mask too. The probes are not part of the model and are not shipped; inference is unchanged.
     """
 
-    STRIDES = (16, 8, 4)  # of the res4, res3, res2 readouts
-
     def __init__(self, model, readout_loss=0.0, fine_readout_loss=0.0):
         super().__init__()
         self.model = model
@@ -407,26 +405,27 @@ class Trainee(torch.nn.Module):
             hook.remove()
         probes = {}
         if self.readout_loss > 0:
-            probes[16] = torch.stack([self.probe(r[0]) for r in readouts], 1)
+            probes[16] = torch.stack([self.probe(r4) for r4, _, _ in readouts], 1)
         if self.fine_readout_loss > 0:
-            for level, (stride, probe) in enumerate(zip(self.STRIDES[1:], self.fine_probes), 1):
-                probes[stride] = torch.stack([probe(r[level]) for r in readouts], 1)
+            probe3, probe2 = self.fine_probes
+            probes[8] = torch.stack([probe3(r3) for _, r3, _ in readouts], 1)
+            probes[4] = torch.stack([probe2(r2) for _, _, r2 in readouts], 1)
         return logits, probes
+
+    def _probes(self):
+        """{checkpoint key: module} of the probes in use."""
+        return {name: getattr(self, name) for name, weight in (("probe", self.readout_loss),
+                                                               ("fine_probes", self.fine_readout_loss)) if weight > 0}
 
     def probe_state(self):
         """The probes' weights, as checkpoints hold them."""
-        state = {}
-        if self.readout_loss > 0:
-            state["probe"] = self.probe.state_dict()
-        if self.fine_readout_loss > 0:
-            state["fine_probes"] = self.fine_probes.state_dict()
-        return state
+        return {name: probe.state_dict() for name, probe in self._probes().items()}
 
     def load_probe_state(self, state, required=True):
         """Load what `probe_state` saved; `required=False` skips probes the state lacks."""
-        for name in self.probe_state():
+        for name, probe in self._probes().items():
             if name in state or required:
-                getattr(self, name).load_state_dict(state[name])
+                probe.load_state_dict(state[name])
 
 
 def clip_loss(trainee, batch, device, autocast):
