@@ -11,7 +11,9 @@ The memory schedule is the released code's:
   and the previous frame (which is replaced by the next one unless it is kept);
 - res3 / res2 memory: the first and the previous frame, plus every ``fine_mem_every``-th
   frame if given (the configuration the paper calls best; cheap with hmmn_ops's reads);
-- memory masks are the soft probabilities of past frames, the given mask on an annotated frame.
+- memory masks are the soft probabilities of past frames (``model.config.memory_masks``
+  "soft", the released code) or their argmax as one-hot masks ("hard"), the given mask on
+  an annotated frame.
 
 A frame is memorised when the next one arrives, so nothing is encoded for nothing at the end
 of a video, and only the memory banks persist between steps: frames stream through and the
@@ -138,7 +140,10 @@ class InferenceCore:
         if mask is not None:
             probs = self._apply_mask(probs, mask)
         if len(self._labels):
-            self._pending = (padded, pad_to_multiple(probs[1:][None].to(padded.dtype))[0])
+            memorised = probs
+            if self.model.config.memory_masks == "hard":  # a frame's argmax: no half-believed look-alikes in memory
+                memorised = F.one_hot(probs.argmax(0), probs.shape[0]).permute(2, 0, 1).to(probs.dtype)
+            self._pending = (padded, pad_to_multiple(memorised[1:][None].to(padded.dtype))[0])
         self._t += 1
         return probs
 

@@ -356,13 +356,14 @@ def initialise_from(trainee, path):
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TrainConfig.init: weights not found: {path}")
-    source = load_model(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    source = load_model(checkpoint)
     try:
         trainee.model.load_state_dict(source.state_dict())
     except RuntimeError as e:
         raise ValueError(f"TrainConfig.init: {path} holds another architecture than TrainConfig.model "
                          f"({source.config.to_dict()}): {str(e).splitlines()[0]}") from None
-    trainee.load_probe_state(torch.load(path, map_location="cpu", weights_only=True), required=False)
+    trainee.load_probe_state(checkpoint, required=False)
 
 
 class Trainee(torch.nn.Module):

@@ -20,7 +20,7 @@ def test_packaged_weights_are_there():
 
     assert os.path.isfile(DEFAULT_WEIGHTS), "the package ships hmmn_ops/weights/hmmn.pt"
     assert os.path.getsize(DEFAULT_WEIGHTS) < 8 * 2**20, "a few MB at most"
-    load_model(DEFAULT_WEIGHTS)
+    assert load_model(DEFAULT_WEIGHTS).config.memory_masks == "hard"  # what docs/training.md measured
 
 
 def test_demo_tiny_set(tmp_path, capsys):
@@ -29,6 +29,7 @@ def test_demo_tiny_set(tmp_path, capsys):
             "--threads", "1", "--quiet"]
     assert main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    assert any("hard memory masks" in line for line in lines)  # the shipped weights' setting, said
     m = LAST_LINE.match(lines[-1])
     assert m, lines[-1]
     jf, j, f, ms = map(float, m.groups())

@@ -238,3 +238,22 @@ def test_step_errors():
         core.step(torch.rand(3, 32, 48), torch.zeros(30, 48, dtype=torch.int64))
     with pytest.raises(ValueError, match="fine_mem_every"):
         InferenceCore(tiny_model(), mem_every=5, fine_mem_every=7)
+
+
+@pytest.mark.parametrize("memory_masks", ["soft", "hard"])
+def test_memory_masks_soft_or_hard(memory_masks):
+    # What a segmented frame leaves in memory: its probabilities, or their argmax one-hot.
+    H, W = 32, 48  # multiples of 16: no padding
+    model = tiny_model(memory_masks=memory_masks)
+    memorised = []
+    encode = model.encode_memory
+    model.encode_memory = lambda image, probs: memorised.append(probs.clone()) or encode(image, probs)
+    core = InferenceCore(model)
+    frames = moving_video(3, H, W, seed=1)
+    core.step(frames[0], blobs(H, W, {1: (4, 20, 4, 20), 2: (16, 30, 24, 44)}))
+    probs = core.step(frames[1])
+    core.step(frames[2])
+    assert len(memorised) == 2 and memorised[1].shape == (1, 2, H, W)
+    hard = F.one_hot(probs.argmax(0), 3).permute(2, 0, 1)[1:].to(probs.dtype)
+    assert torch.equal(memorised[1][0], hard if memory_masks == "hard" else probs[1:])
+    assert not torch.equal(hard, probs[1:])  # the two differ, so the test tells them apart

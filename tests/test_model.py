@@ -210,7 +210,7 @@ def test_padding_is_centred_and_undone():
 
 
 def test_config_and_checkpoint_round_trip(tmp_path):
-    cfg = HMMNConfig(**TINY, kernel="kmn", topk=16, fine_topk=4)
+    cfg = HMMNConfig(**TINY, kernel="kmn", topk=16, fine_topk=4, memory_masks="hard")
     assert HMMNConfig.from_dict(cfg.to_dict()) == cfg
     model = HMMN(cfg)
     path = tmp_path / "w.pt"
@@ -220,6 +220,8 @@ def test_config_and_checkpoint_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     with pytest.raises(ValueError, match="kernel"):
         HMMNConfig(kernel="gauss")
+    with pytest.raises(ValueError, match="memory_masks"):
+        HMMNConfig(memory_masks="binary")
     with pytest.raises(ValueError, match="3 stages"):
         HMMNConfig(backbone=BackboneConfig(layers=(1, 1)))
     with pytest.raises(FileNotFoundError):

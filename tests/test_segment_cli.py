@@ -89,7 +89,7 @@ def test_frames_and_a_late_object(tmp_path, weights):
     # several masks: each is the annotation of the frame of the same name
     save_mask(tmp_path / "00000.png", first, palette)
     rc = main(["segment", "--frames", str(clip), "--mask", str(tmp_path / "00000.png"), "--mask", str(tmp_path / "00003.png"),
-               "--out", str(out), "--weights", weights, "--quiet", "--kernel", "kmn"])
+               "--out", str(out), "--weights", weights, "--quiet", "--kernel", "kmn", "--memory-masks", "hard"])
     assert rc == 0
     assert np.array_equal(load_mask(out / "clip" / "00003.png")[0] == 3, late == 3)
     assert 3 not in load_mask(out / "clip" / "00002.png")[0]

@@ -36,6 +36,8 @@ def add_arguments(p):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--kernel", choices=("none", "kmn", "hmmn"), help="override the model's res4 kernel (ablation)")
     p.add_argument("--no-topk", action="store_true", help="dense res3/res2 reads instead of top-k guided ones (ablation)")
+    p.add_argument("--memory-masks", choices=("soft", "hard"),
+                   help="override what the model memorises of a segmented frame: probabilities or argmax masks")
     p.add_argument("--mem-every", type=int, default=5, help="keep every N-th frame in the res4 memory (default: %(default)s)")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is faster on a busy machine)")
@@ -87,7 +89,8 @@ def _demo(args):
     backend = auto_choice("kernel_guided_read", device)
     cfg = model.config
     print(f"model: {weights} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, kernel "
-          f"{cfg.kernel}, {'top-k' if cfg.topk_read else 'dense'} res3/res2 reads) on {device}, backend auto -> {backend}")
+          f"{cfg.kernel}, {'top-k' if cfg.topk_read else 'dense'} res3/res2 reads, {cfg.memory_masks} memory masks) "
+          f"on {device}, backend auto -> {backend}")
 
     davis = DAVIS(data, "2017/demo.txt", resolution)
     ms, strips = _segment_all(davis, model, device, results, args)
@@ -130,6 +133,8 @@ def _model(weights, args):
         fields["kernel"] = args.kernel
     if args.no_topk:
         fields["topk_read"] = False
+    if args.memory_masks:
+        fields["memory_masks"] = args.memory_masks
     device = _device(args.device)
     return load_model(weights, map_location="cpu", **fields).to(device).eval(), device
 

@@ -40,6 +40,8 @@ def add_arguments(p):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--kernel", choices=("none", "kmn", "hmmn"), help="override the model's res4 kernel")
+    p.add_argument("--memory-masks", choices=("soft", "hard"),
+                   help="override what the model memorises of a segmented frame: probabilities or argmax masks")
     p.add_argument("--mem-every", type=int, default=5, help="keep every N-th frame in the res4 memory (default: %(default)s)")
     p.add_argument("--fine-mem-every", type=int, help="keep every N-th frame in the res3/res2 memory too")
     p.add_argument("--official-compat", action="store_true", help="reproduce the released code's read exactly")
@@ -150,7 +152,7 @@ def _model(args):
     from ..models import HMMN, load_model
 
     device = _device(args.device)
-    fields = {"kernel": args.kernel} if args.kernel else {}
+    fields = {name: getattr(args, name) for name in ("kernel", "memory_masks") if getattr(args, name)}
     path = args.weights or DEFAULT_WEIGHTS
     if os.path.isfile(path):
         model = load_model(path, map_location="cpu", **fields)

@@ -31,10 +31,11 @@ import hmmn_ops
 
 from .resnet import ResNet, backbone_config, init_weights
 
-__all__ = ["HMMN", "HMMNConfig", "Memory", "Query", "expand_query", "KERNELS", "pad_to_multiple", "unpad", "soft_aggregate",
-           "stack_memory", "save_checkpoint", "load_model", "CHECKPOINT_FORMAT"]
+__all__ = ["HMMN", "HMMNConfig", "Memory", "Query", "expand_query", "KERNELS", "MEMORY_MASKS", "pad_to_multiple", "unpad",
+           "soft_aggregate", "stack_memory", "save_checkpoint", "load_model", "CHECKPOINT_FORMAT"]
 
 KERNELS = ("none", "kmn", "hmmn")
+MEMORY_MASKS = ("soft", "hard")
 CHECKPOINT_FORMAT = "hmmn_ops.HMMN/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,6 +60,9 @@ class HMMNConfig:
     topk_read: res3 / res2 read the ``topk`` (r = 2) and ``fine_topk`` (r = 4) best res4
         positions of the first and previous frames (HMMN); False: dense reads at res3 / res2.
     window, sigma_init, sigma_factor: the Tracker's (HMMN 4.1: 7, 3, 0.5).
+    memory_masks: what ``InferenceCore`` memorises of a segmented frame: "soft" its object
+        probabilities (the released code), "hard" their argmax as one-hot masks (the shipped
+        weights': validation J +0.01 to +0.04, docs/training.md). Like ``kernel``, inference only.
     """
 
     backbone: object = "resnet50"
@@ -73,6 +77,7 @@ class HMMNConfig:
     sigma_init: float = 3.0
     sigma_factor: float = 0.5
     kmn_sigma: float = 7.0
+    memory_masks: str = "soft"
 
     def __post_init__(self):
         bb = backbone_config(self.backbone)
@@ -86,6 +91,8 @@ class HMMNConfig:
             object.__setattr__(self, name, dims)
         if self.kernel not in KERNELS:
             raise ValueError(f"HMMNConfig.kernel: expected one of {KERNELS}, got {self.kernel!r}")
+        if self.memory_masks not in MEMORY_MASKS:
+            raise ValueError(f"HMMNConfig.memory_masks: expected one of {MEMORY_MASKS}, got {self.memory_masks!r}")
         if not 1 <= self.fine_topk <= self.topk:
             raise ValueError(f"HMMNConfig: expected 1 <= fine_topk <= topk, got fine_topk={self.fine_topk}, topk={self.topk}")
         if self.decoder_dim < 1 or self.window < 1 or self.window % 2 == 0 or not self.kmn_sigma > 0:

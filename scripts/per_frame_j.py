@@ -1,0 +1,106 @@
+"""Validation J frame by frame: where along a video a model loses its objects.
+
+    python scripts/per_frame_j.py WEIGHTS [WEIGHTS ...] [--labels NAME ...] [--memory-masks soft|hard ...]
+        [--seed 20000000] [--videos 32] [--frames 20] [--threads 2] [--plot drift.png]
+
+Segments synthetic videos (seeds never used by training, nor by the demo: docs/training.md)
+from their first-frame annotation with each checkpoint and prints, per checkpoint, J on every
+frame t >= 1 (IoU per object, averaged over every object of every video) and its mean over the
+video, next to the baseline that copies the frame-0 mask. This is the "validation J" of
+docs/training.md; `--plot` draws the curves (J against frame number).
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hmmn_ops.data import SyntheticConfig
+from hmmn_ops.data.synthetic import SyntheticVideo
+from hmmn_ops.inference import InferenceCore
+from hmmn_ops.metrics import jaccard
+from hmmn_ops.models import load_model
+
+
+def per_frame_j(model, seeds, config, mem_every):
+    """(J per frame, copy-first-mask J per frame), frame 0 included (1 by construction)."""
+    j, copy, count = (np.zeros(config.num_frames) for _ in range(3))
+    with torch.no_grad():
+        for seed in tqdm(seeds, leave=False, desc="videos"):
+            video = SyntheticVideo(seed, config)
+            first = video.mask(0)
+            objects = [i for i in np.unique(first) if i > 0]
+            core = InferenceCore(model, mem_every=mem_every)
+            for t in range(config.num_frames):
+                image = torch.tensor(video.frame(t)).permute(2, 0, 1)
+                labels = core.to_labels(core.step(image, torch.tensor(first) if t == 0 else None)).numpy()
+                truth = video.mask(t)
+                for i in objects:
+                    j[t] += jaccard(truth == i, labels == i)
+                    copy[t] += jaccard(truth == i, first == i)
+                    count[t] += 1
+    return j / count, copy / count
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("weights", nargs="+", help="checkpoints (a run's checkpoint.pt or exported weights)")
+    p.add_argument("--labels", nargs="+", help="names for the checkpoints (default: their paths)")
+    p.add_argument("--memory-masks", nargs="+", choices=("soft", "hard"),
+                   help="per checkpoint, override what it memorises (default: each model's own setting)")
+    p.add_argument("--seed", type=int, default=20_000_000, help="first video seed (default: %(default)s)")
+    p.add_argument("--videos", type=int, default=32, help="videos (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=20, help="frames per video (default: %(default)s)")
+    p.add_argument("--height", type=int, default=112)
+    p.add_argument("--width", type=int, default=192)
+    p.add_argument("--mem-every", type=int, default=5, help="InferenceCore's mem_every (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plot", metavar="PNG", help="draw J against frame number")
+    args = p.parse_args(argv)
+    labels = args.labels or args.weights
+    memory_masks = args.memory_masks or [None] * len(args.weights)
+    for name, given in (("labels", labels), ("memory-masks", memory_masks)):
+        if len(given) != len(args.weights):
+            p.error(f"--{name}: expected {len(args.weights)} values (one per checkpoint), got {len(given)}")
+    if args.frames < 2 or args.videos < 1:
+        p.error("--frames: expected >= 2 and --videos >= 1")
+    torch.set_num_threads(args.threads)
+    config = SyntheticConfig(height=args.height, width=args.width, num_frames=args.frames)
+    seeds = range(args.seed, args.seed + args.videos)
+    curves = {}
+    for label, path, masks in zip(labels, args.weights, memory_masks):
+        model = load_model(path, **({"memory_masks": masks} if masks else {})).eval()
+        j, copy = per_frame_j(model, seeds, config, args.mem_every)
+        curves[label] = j
+        print(f"{label}: mean J (frames 1-{args.frames - 1}) {j[1:].mean():.3f}   "
+              f"per frame: {' '.join(f'{x:.2f}' for x in j[1:])}")
+    print(f"copy frame 0's mask: mean J {copy[1:].mean():.3f}   per frame: {' '.join(f'{x:.2f}' for x in copy[1:])}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        t = np.arange(1, args.frames)
+        for label, j in curves.items():
+            ax.plot(t, j[1:], marker=".", label=f"{label} (mean {j[1:].mean():.3f})")
+        ax.plot(t, copy[1:], ls="--", color="grey", label=f"copy frame 0's mask (mean {copy[1:].mean():.3f})")
+        ax.set(xlabel="frame", ylabel="J (mean over objects)", ylim=(0, 1),
+               title=f"{args.videos} videos from seed {args.seed}, {args.height}x{args.width}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        tmp = args.plot + ".tmp.png"
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
