@@ -15,6 +15,10 @@ The memory schedule is the released code's:
   "soft", the released code) or their argmax as one-hot masks ("hard"), the given mask on
   an annotated frame.
 
+With ``model.config.input_scale`` != 1 the network sees every frame resized by that factor:
+memory, tracking and memorised masks stay at that size, the returned probabilities are the
+softmax of the logits resized back to the frame's size (as ``HMMN.forward`` trains them).
+
 A frame is memorised when the next one arrives, so nothing is encoded for nothing at the end
 of a video, and only the memory banks persist between steps: frames stream through and the
 memory grows only as the schedule says.
@@ -31,7 +35,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from .models.hmmn import Memory, expand_query, pad_to_multiple, soft_aggregate, unpad
+from .models.hmmn import Memory, expand_query, pad_to_multiple, resize, scaled_size, soft_aggregate, unpad
 from .tracking import Tracker
 
 __all__ = ["InferenceCore"]
@@ -130,20 +134,28 @@ class InferenceCore:
         image = self._check_image(image).to(device)
         if mask is not None:
             mask = self._check_mask(mask).to(device)
-        padded, pad = pad_to_multiple(image[None])
+        size = scaled_size(self._size, self.model.config.input_scale)  # the network's frame size
+        padded, pad = pad_to_multiple(resize(image[None], size) if size != self._size else image[None])
         padded = padded.to(next(self.model.parameters()).dtype)
 
         with self._autocast(device):
             if self._pending is not None:
                 self._memorise(*self._pending)
-            probs = self._predict(padded, pad, device)
+            logits = self._predict(padded, pad)
+        if logits is None:  # nothing in memory yet: all background
+            scaled = torch.zeros(len(self._labels) + 1, *size, device=device, dtype=torch.promote_types(padded.dtype, torch.float32))
+            scaled[0] = 1
+            probs = resize(scaled, self._size)
+        else:
+            scaled, probs = F.softmax(logits, 0), F.softmax(resize(logits, self._size), 0)
         if mask is not None:
+            self._add_objects(mask)
             probs = self._apply_mask(probs, mask)
+            scaled = self._apply_mask(scaled, resize(mask, size, "nearest"))
         if len(self._labels):
-            memorised = probs
             if self.model.config.memory_masks == "hard":  # a frame's argmax: no half-believed look-alikes in memory
-                memorised = F.one_hot(probs.argmax(0), probs.shape[0]).permute(2, 0, 1).to(probs.dtype)
-            self._pending = (padded, pad_to_multiple(memorised[1:][None].to(padded.dtype))[0])
+                scaled = F.one_hot(scaled.argmax(0), scaled.shape[0]).permute(2, 0, 1).to(scaled.dtype)
+            self._pending = (padded, pad_to_multiple(scaled[1:][None].to(padded.dtype))[0])
         self._t += 1
         return probs
 
@@ -202,18 +214,16 @@ class InferenceCore:
             g.newest_kept = self._keep(t, g, self.mem_every)
             g.fine_newest_kept = self._keep(t, g, self.fine_mem_every)
 
-    def _predict(self, padded, pad, device):
-        """(K+1, H, W) probabilities of the current frame from the memory (background only
-        when there is no memory yet)."""
+    def _predict(self, padded, pad):
+        """(K+1, h, w) logits of the current frame at the network's (unpadded) size, or None
+        when there is no memory yet."""
         K = len(self._labels)
         dtype = torch.promote_types(padded.dtype, torch.float32)  # aggregation in float32 even under amp
         ready = [g for g in self._groups if g.memory is not None]
         if not ready:
-            probs = torch.zeros(K + 1, *self._size, device=device, dtype=dtype)
-            probs[0] = 1
-            return probs
+            return None
         query = self.model.encode_query(padded)
-        obj = torch.zeros(K, *padded.shape[2:], device=device, dtype=dtype)
+        obj = torch.zeros(K, *padded.shape[2:], device=padded.device, dtype=dtype)
         kernel = self.model.config.kernel
         for g in ready:
             q = expand_query(query, g.count)
@@ -224,20 +234,25 @@ class InferenceCore:
                 centers, sigma = self.model.kmn_centers(q.k4, g.memory.k4)
             fine_frames = [g.frames.index(f) for f in g.fine]
             obj[g.start:g.start + g.count] = self.model.segment(q, g.memory, centers, sigma, fine_frames).to(dtype)
-        logits = unpad(soft_aggregate(obj[None]), pad)[0]
-        return F.softmax(logits, dim=0)
+        return unpad(soft_aggregate(obj[None]), pad)[0]
 
-    def _apply_mask(self, probs, mask):
-        """Add the mask's new objects, then let it decide its pixels and objects."""
-        ids = [int(i) for i in torch.unique(mask) if i > 0]
-        new = [i for i in ids if i not in self._labels]
+    def _add_objects(self, mask):
+        """Start a group for the mask's objects not seen before."""
+        new = [i for i in (int(i) for i in torch.unique(mask)) if i > 0 and i not in self._labels]
         if new:
             g = _Group(start=len(self._labels), count=len(new), first=self._t)
             if self.model.config.kernel == "hmmn":
                 g.tracker = self._make_tracker()
             self._groups.append(g)
             self._labels.extend(new)
-            probs = torch.cat([probs, probs.new_zeros(len(new), *probs.shape[1:])])
+
+    def _apply_mask(self, probs, mask):
+        """Let the mask decide its pixels and objects (channels of objects added by this mask
+        are appended to ``probs``, empty)."""
+        missing = len(self._labels) + 1 - probs.shape[0]
+        if missing:
+            probs = torch.cat([probs, probs.new_zeros(missing, *probs.shape[1:])])
+        ids = [int(i) for i in torch.unique(mask) if i > 0]
         lut = torch.zeros(max(max(ids, default=0), max(self._labels, default=0)) + 1, dtype=torch.int64,
                           device=mask.device)
         lut[torch.tensor(self._labels, device=mask.device)] = torch.arange(1, len(self._labels) + 1, device=mask.device)

@@ -434,7 +434,7 @@ def clip_loss(trainee, batch, device, autocast):
     frames 1.. predicted. The cross-entropy is on the soft-aggregated logits; a readout loss
     (see Trainee) is a binary cross-entropy against each object's mask averaged over the
     readout's cells; the readout-loss part is their weighted sum."""
-    from .models.hmmn import pad_to_multiple
+    from .models.hmmn import pad_to_multiple, resize, scaled_size
 
     # contiguous: the clips' frames are permuted views, which a batch keeps in the main process but
     # not from a loader process; convolutions on either layout round differently, and `workers`
@@ -449,7 +449,8 @@ def clip_loss(trainee, batch, device, autocast):
         return ce, ce.detach(), torch.zeros(())
     inner = getattr(trainee, "module", trainee)
     N, T1, K = masks.shape[0], masks.shape[1] - 1, masks.shape[2]
-    padded = pad_to_multiple(masks[:, 1:])[0].flatten(0, 1)  # (N*(T-1), K, H, W)
+    size = scaled_size(masks.shape[-2:], inner.model.config.input_scale)  # the readouts' frame size
+    padded = pad_to_multiple(resize(masks[:, 1:], size, "nearest"))[0].flatten(0, 1)  # (N*(T-1), K, H, W)
     valid = masks[:, 0].flatten(2).amax(2).flatten() > 0  # objects present in the clip
     aux = 0
     for stride, probe in probes.items():

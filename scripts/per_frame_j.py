@@ -1,13 +1,16 @@
 """Validation J frame by frame: where along a video a model loses its objects.
 
     python scripts/per_frame_j.py WEIGHTS [WEIGHTS ...] [--labels NAME ...] [--memory-masks soft|hard ...]
-        [--seed 20000000] [--videos 32] [--frames 20] [--threads 2] [--plot drift.png]
+        [--set FIELD=VALUE ...] [--seed 20000000] [--videos 32] [--frames 20] [--threads 2]
+        [--plot drift.png] [--errors]
 
 Segments synthetic videos (seeds never used by training, nor by the demo: docs/training.md)
 from their first-frame annotation with each checkpoint and prints, per checkpoint, J on every
 frame t >= 1 (IoU per object, averaged over every object of every video) and its mean over the
 video, next to the baseline that copies the frame-0 mask. This is the "validation J" of
-docs/training.md; `--plot` draws the curves (J against frame number).
+docs/training.md; `--plot` draws the curves (J against frame number); `--errors` says where
+the errors lie (objects lost, and false positives by what lies under them: most are on the
+object's look-alike twin).
 """
 import argparse
 import os
@@ -15,6 +18,7 @@ import sys
 
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
 
 from hmmn_ops.data import SyntheticConfig
@@ -24,24 +28,50 @@ from hmmn_ops.metrics import jaccard
 from hmmn_ops.models import load_model
 
 
+ERROR_KINDS = ("twin", "other target", "occluder", "other look-alike", "background")
+
+
 def per_frame_j(model, seeds, config, mem_every):
-    """(J per frame, copy-first-mask J per frame), frame 0 included (1 by construction)."""
+    """(J per frame, copy-first-mask J per frame, errors), frame 0 included (J 1 by construction).
+
+    errors: over frames t >= 1 and every object, {"lost": share of (object, frame) pairs with
+    J < 0.2, "missed": false-negative pixels / object pixels, and per kind of ERROR_KINDS:
+    false-positive pixels lying on it / object pixels}. "twin" is the object's own look-alike
+    (same shape and texture), "other target" another annotated object.
+    """
     j, copy, count = (np.zeros(config.num_frames) for _ in range(3))
+    lost = area = missed = 0
+    wrong = dict.fromkeys(ERROR_KINDS, 0)
     with torch.no_grad():
         for seed in tqdm(seeds, leave=False, desc="videos"):
             video = SyntheticVideo(seed, config)
             first = video.mask(0)
             objects = [i for i in np.unique(first) if i > 0]
+            layout = video.layout  # what lies under a pixel of the instance map
             core = InferenceCore(model, mem_every=mem_every)
             for t in range(config.num_frames):
-                image = torch.tensor(video.frame(t)).permute(2, 0, 1)
+                image, truth, instances = video.render(t, instances=True)
+                image = torch.tensor(image).permute(2, 0, 1)
                 labels = core.to_labels(core.step(image, torch.tensor(first) if t == 0 else None)).numpy()
-                truth = video.mask(t)
                 for i in objects:
-                    j[t] += jaccard(truth == i, labels == i)
+                    score = jaccard(truth == i, labels == i)
+                    j[t] += score
                     copy[t] += jaccard(truth == i, first == i)
                     count[t] += 1
-    return j / count, copy / count
+                    if t == 0:
+                        continue
+                    lost += score < 0.2
+                    area += (truth == i).sum()
+                    missed += ((truth == i) & (labels != i)).sum()
+                    under = instances[(labels == i) & (truth != i)]
+                    for index, pixels in zip(*np.unique(under, return_counts=True)):
+                        o = layout[index - 1] if index else None
+                        kind = ("background" if o is None else "other target" if o["role"] == "target" else
+                                "occluder" if o["role"] == "occluder" else "twin" if o["twin"] == i else "other look-alike")
+                        wrong[kind] += pixels
+    pairs = count[1:].sum()
+    errors = {"lost": lost / pairs, "missed": missed / max(area, 1), **{k: v / max(area, 1) for k, v in wrong.items()}}
+    return j / count, copy / count, errors
 
 
 def main(argv=None):
@@ -50,6 +80,9 @@ def main(argv=None):
     p.add_argument("--labels", nargs="+", help="names for the checkpoints (default: their paths)")
     p.add_argument("--memory-masks", nargs="+", choices=("soft", "hard"),
                    help="per checkpoint, override what it memorises (default: each model's own setting)")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="override HMMNConfig fields of every checkpoint (value read as YAML), e.g. kernel=none "
+                        "sigma_init=0.5 input_scale=1")
     p.add_argument("--seed", type=int, default=20_000_000, help="first video seed (default: %(default)s)")
     p.add_argument("--videos", type=int, default=32, help="videos (default: %(default)s)")
     p.add_argument("--frames", type=int, default=20, help="frames per video (default: %(default)s)")
@@ -58,6 +91,9 @@ def main(argv=None):
     p.add_argument("--mem-every", type=int, default=5, help="InferenceCore's mem_every (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--plot", metavar="PNG", help="draw J against frame number")
+    p.add_argument("--errors", action="store_true",
+                   help="also say where the errors are: objects lost, pixels missed, false positives by what lies "
+                        "under them (the object's look-alike twin, another target, an occluder, ...)")
     args = p.parse_args(argv)
     labels = args.labels or args.weights
     memory_masks = args.memory_masks or [None] * len(args.weights)
@@ -66,16 +102,26 @@ def main(argv=None):
             p.error(f"--{name}: expected {len(args.weights)} values (one per checkpoint), got {len(given)}")
     if args.frames < 2 or args.videos < 1:
         p.error("--frames: expected >= 2 and --videos >= 1")
+    fields = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            p.error(f"--set: expected FIELD=VALUE, got {item!r}")
+        fields[name] = yaml.safe_load(value)
     torch.set_num_threads(args.threads)
     config = SyntheticConfig(height=args.height, width=args.width, num_frames=args.frames)
     seeds = range(args.seed, args.seed + args.videos)
     curves = {}
     for label, path, masks in zip(labels, args.weights, memory_masks):
-        model = load_model(path, **({"memory_masks": masks} if masks else {})).eval()
-        j, copy = per_frame_j(model, seeds, config, args.mem_every)
+        model = load_model(path, **fields, **({"memory_masks": masks} if masks else {})).eval()
+        j, copy, errors = per_frame_j(model, seeds, config, args.mem_every)
         curves[label] = j
         print(f"{label}: mean J (frames 1-{args.frames - 1}) {j[1:].mean():.3f}   "
               f"per frame: {' '.join(f'{x:.2f}' for x in j[1:])}")
+        if args.errors:
+            print(f"  errors of {label}: lost (J < 0.2) {errors['lost']:.3f} of objects x frames; per object pixel: "
+                  f"missed {errors['missed']:.3f}, false positives on " +
+                  ", ".join(f"{kind} {errors[kind]:.3f}" for kind in ERROR_KINDS))
     print(f"copy frame 0's mask: mean J {copy[1:].mean():.3f}   per frame: {' '.join(f'{x:.2f}' for x in copy[1:])}")
     if args.plot:
         import matplotlib

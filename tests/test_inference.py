@@ -257,3 +257,27 @@ def test_memory_masks_soft_or_hard(memory_masks):
     hard = F.one_hot(probs.argmax(0), 3).permute(2, 0, 1)[1:].to(probs.dtype)
     assert torch.equal(memorised[1][0], hard if memory_masks == "hard" else probs[1:])
     assert not torch.equal(hard, probs[1:])  # the two differ, so the test tells them apart
+
+
+def test_input_scale_runs_the_network_on_resized_frames():
+    # A core whose model has input_scale = 2 returns what a scale-1 core fed the frames resized
+    # x2 (masks nearest) returns, with its logits resized back to the frame's size.
+    H, W = 21, 30  # odd: resized to 42x60, padded to 48x64
+    scaled = tiny_model(input_scale=2.0, memory_masks="hard").double()
+    plain = tiny_model(memory_masks="hard").double()
+    plain.load_state_dict(scaled.state_dict())
+    a, b = InferenceCore(scaled), InferenceCore(plain)
+    mask = blobs(H, W, {1: (2, 12, 3, 14), 3: (10, 19, 16, 28)})
+    for t, frame in enumerate(moving_video(4, H, W, seed=2)):
+        frame = frame.double()
+        given = mask if t == 0 else None
+        got = a.step(frame, given)
+        big = b.step(F.interpolate(frame[None], size=(2 * H, 2 * W), mode="bilinear", align_corners=False)[0],
+                     None if given is None else given.repeat_interleave(2, 0).repeat_interleave(2, 1))
+        assert got.shape == (3, H, W) and a.labels == (1, 3)
+        if t == 0:
+            assert torch.equal(a.to_labels(got), mask)
+            continue
+        # softmax is shift-invariant per pixel: resizing log-probabilities = resizing logits
+        want = F.softmax(F.interpolate(big.log()[None], size=(H, W), mode="bilinear", align_corners=False)[0], 0)
+        torch.testing.assert_close(got, want)

@@ -210,7 +210,7 @@ def test_padding_is_centred_and_undone():
 
 
 def test_config_and_checkpoint_round_trip(tmp_path):
-    cfg = HMMNConfig(**TINY, kernel="kmn", topk=16, fine_topk=4, memory_masks="hard")
+    cfg = HMMNConfig(**TINY, kernel="kmn", topk=16, fine_topk=4, memory_masks="hard", input_scale=2)
     assert HMMNConfig.from_dict(cfg.to_dict()) == cfg
     model = HMMN(cfg)
     path = tmp_path / "w.pt"
@@ -222,10 +222,34 @@ def test_config_and_checkpoint_round_trip(tmp_path):
         HMMNConfig(kernel="gauss")
     with pytest.raises(ValueError, match="memory_masks"):
         HMMNConfig(memory_masks="binary")
+    for bad in (0, -1.0, 9, True, "2"):
+        with pytest.raises(ValueError, match="input_scale"):
+            HMMNConfig(input_scale=bad)
     with pytest.raises(ValueError, match="3 stages"):
         HMMNConfig(backbone=BackboneConfig(layers=(1, 1)))
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "none.pt")
+
+
+@pytest.mark.parametrize("scale,size", [(2, (21, 30)), (1.5, (20, 33))])
+def test_input_scale_is_resizing_around_the_network(scale, size):
+    # A model with input_scale = s on a clip == the same weights at scale 1 on the clip resized
+    # by s (frames bilinear, masks nearest), logits resized back: odd sizes, padding included.
+    torch.manual_seed(0)
+    scaled = HMMN(HMMNConfig(**TINY, input_scale=scale)).double().eval()
+    plain = HMMN(HMMNConfig(**TINY)).double().eval()
+    plain.load_state_dict(scaled.state_dict())
+    H, W = size
+    frames = torch.rand(2, 3, 3, H, W, dtype=torch.float64)
+    masks = (torch.rand(2, 2, H, W) > 0.6).double()
+    big = tuple(round(n * scale) for n in size)
+    with torch.no_grad():
+        got = scaled(frames, masks)
+        up = plain(F.interpolate(frames.flatten(0, 1), size=big, mode="bilinear", align_corners=False).view(2, 3, 3, *big),
+                   F.interpolate(masks, size=big, mode="nearest"))
+    assert got.shape == (2, 2, 3, H, W)
+    want = F.interpolate(up.flatten(0, 1), size=(H, W), mode="bilinear", align_corners=False).view(2, 2, 3, H, W)
+    torch.testing.assert_close(got, want)
 
 
 # ---------------------------------------------------------------- DMN-AOA

@@ -15,7 +15,7 @@ SMALL = ["--videos", "2", "--frames", "4", "--height", "48", "--width", "64", "-
 def test_curves_and_plot(tmp_path, capsys):
     plot = tmp_path / "j.png"
     assert per_frame_j.main([DEFAULT_WEIGHTS, DEFAULT_WEIGHTS, "--labels", "a", "b", "--memory-masks", "soft", "hard",
-                             "--plot", str(plot)] + SMALL) == 0
+                             "--plot", str(plot), "--errors"] + SMALL) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split(":")[0]: line for line in lines if ": mean J" in line}
     assert set(rows) == {"a", "b", "copy frame 0's mask"}
@@ -25,9 +25,33 @@ def test_curves_and_plot(tmp_path, capsys):
         mean = float(row.split("per frame:")[0].split()[-1])
         assert mean == pytest.approx(sum(values) / 3, abs=0.006)
     assert plot.is_file() and not (tmp_path / "j.png.tmp.png").exists()
+    errors = [line for line in lines if line.strip().startswith("errors of")]
+    assert [e.split()[2].rstrip(":") for e in errors] == ["a", "b"] and all("twin" in e for e in errors)
+
+
+def test_errors_are_shares_that_add_up():
+    import numpy as np
+    from hmmn_ops.data import SyntheticConfig
+    from hmmn_ops.models import load_model
+
+    config = SyntheticConfig(height=48, width=64, num_frames=4)
+    j, copy, errors = per_frame_j.per_frame_j(load_model(DEFAULT_WEIGHTS), range(3), config, 5)
+    assert j[0] == 1 and copy[0] == 1 and all(0 <= x <= 1 for x in np.r_[j, copy])
+    assert set(errors) == {"lost", "missed", *per_frame_j.ERROR_KINDS}
+    assert 0 <= errors["lost"] <= 1 and 0 <= errors["missed"] <= 1 and all(v >= 0 for v in errors.values())
 
 
 def test_argument_counts_must_match(capsys):
     with pytest.raises(SystemExit):
         per_frame_j.main([DEFAULT_WEIGHTS, "--labels", "a", "b"] + SMALL)
     assert "--labels: expected 1 values" in capsys.readouterr().err
+
+
+def test_set_overrides_the_model_config(capsys):
+    assert per_frame_j.main([DEFAULT_WEIGHTS, "--set", "kernel=none", "input_scale=1.5"] + SMALL) == 0
+    assert "mean J" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        per_frame_j.main([DEFAULT_WEIGHTS, "--set", "kernel"] + SMALL)
+    assert "--set: expected FIELD=VALUE" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="HMMNConfig.kernel"):
+        per_frame_j.main([DEFAULT_WEIGHTS, "--set", "kernel=gauss"] + SMALL)

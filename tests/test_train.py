@@ -225,6 +225,16 @@ def test_readout_loss_reads_the_res4_readout():
     assert not hasattr(trainee, "fine_probes")
 
 
+def test_readout_loss_at_an_input_scale():
+    # The probes read a res4 map of the resized frame: the targets must be pooled at that size.
+    torch.manual_seed(0)
+    trainee = Trainee(HMMN(tiny().model_config().replace(input_scale=2.0)), readout_loss=1.0, fine_readout_loss=1.0)
+    total, ce, aux = clip_loss(trainee, _two_clips(), torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert math.isfinite(total.item()) and aux.item() > 0
+    _, probes = trainee(_two_clips()["frames"], _two_clips()["masks"][:, 0, 1:])
+    assert probes[16].shape[-2:] == (4, 4) and probes[4].shape[-2:] == (16, 16)  # 32x32 clips seen at 64x64
+
+
 def test_fine_readout_loss_reads_the_res3_res2_readouts_undropped():
     torch.manual_seed(0)
     trainee = Trainee(HMMN(tiny().model_config()), readout_loss=0.0, fine_readout_loss=2.0)

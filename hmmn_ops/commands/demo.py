@@ -89,7 +89,8 @@ def _demo(args):
     backend = auto_choice("kernel_guided_read", device)
     cfg = model.config
     print(f"model: {weights} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, kernel "
-          f"{cfg.kernel}, {'top-k' if cfg.topk_read else 'dense'} res3/res2 reads, {cfg.memory_masks} memory masks) "
+          f"{cfg.kernel}, {'top-k' if cfg.topk_read else 'dense'} res3/res2 reads, {cfg.memory_masks} memory masks"
+          f"{f', frames resized x{cfg.input_scale:g} inside' if cfg.input_scale != 1 else ''}) "
           f"on {device}, backend auto -> {backend}")
 
     davis = DAVIS(data, "2017/demo.txt", resolution)

@@ -32,7 +32,7 @@ import hmmn_ops
 from .resnet import ResNet, backbone_config, init_weights
 
 __all__ = ["HMMN", "HMMNConfig", "Memory", "Query", "expand_query", "KERNELS", "MEMORY_MASKS", "pad_to_multiple", "unpad",
-           "soft_aggregate", "stack_memory", "save_checkpoint", "load_model", "CHECKPOINT_FORMAT"]
+           "soft_aggregate", "stack_memory", "scaled_size", "resize", "save_checkpoint", "load_model", "CHECKPOINT_FORMAT"]
 
 KERNELS = ("none", "kmn", "hmmn")
 MEMORY_MASKS = ("soft", "hard")
@@ -63,6 +63,10 @@ class HMMNConfig:
     memory_masks: what ``InferenceCore`` memorises of a segmented frame: "soft" its object
         probabilities (the released code), "hard" their argmax as one-hot masks (the shipped
         weights': validation J +0.01 to +0.04, docs/training.md). Like ``kernel``, inference only.
+    input_scale: frames are resized by this factor (bilinear) before the encoders, given masks
+        likewise (nearest), and logits back to the frame's size after the decoder; everything in
+        between (memory, reads, tracking) runs at the scaled size. 1 is the released model; 2
+        gives small objects 4x the res4 cells (tried for the shipped weights: docs/training.md).
     """
 
     backbone: object = "resnet50"
@@ -78,6 +82,7 @@ class HMMNConfig:
     sigma_factor: float = 0.5
     kmn_sigma: float = 7.0
     memory_masks: str = "soft"
+    input_scale: float = 1.0
 
     def __post_init__(self):
         bb = backbone_config(self.backbone)
@@ -93,6 +98,9 @@ class HMMNConfig:
             raise ValueError(f"HMMNConfig.kernel: expected one of {KERNELS}, got {self.kernel!r}")
         if self.memory_masks not in MEMORY_MASKS:
             raise ValueError(f"HMMNConfig.memory_masks: expected one of {MEMORY_MASKS}, got {self.memory_masks!r}")
+        if isinstance(self.input_scale, bool) or not isinstance(self.input_scale, (int, float)) or not 0 < self.input_scale <= 8:
+            raise ValueError(f"HMMNConfig.input_scale: expected a number in (0, 8], got {self.input_scale!r}")
+        object.__setattr__(self, "input_scale", float(self.input_scale))
         if not 1 <= self.fine_topk <= self.topk:
             raise ValueError(f"HMMNConfig: expected 1 <= fine_topk <= topk, got fine_topk={self.fine_topk}, topk={self.topk}")
         if self.decoder_dim < 1 or self.window < 1 or self.window % 2 == 0 or not self.kmn_sigma > 0:
@@ -132,6 +140,22 @@ def unpad(x, pad):
     left, right, top, bottom = pad
     h, w = x.shape[-2:]
     return x[..., top:h - bottom, left:w - right]
+
+
+def scaled_size(size, scale):
+    """(H, W) resized by ``scale`` (rounded, at least 1 pixel)."""
+    return tuple(max(1, round(n * scale)) for n in size)
+
+
+def resize(x, size, mode="bilinear"):
+    """Resize the last two dims of ``x`` (any leading dims) to ``size``; a no-op at that size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    flat = x.reshape(-1, 1, *x.shape[-2:]) if x.dim() != 4 else x
+    if not flat.is_floating_point():  # label maps (nearest): exact as float for ids < 2**24
+        flat = flat.float()
+    out = F.interpolate(flat, size=size, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    return out.reshape(*x.shape[:-2], *size).to(x.dtype)
 
 
 def soft_aggregate(probs, valid=None):
@@ -391,15 +415,17 @@ class HMMN(nn.Module):
             raise ValueError(f"masks: expected (N, K, H, W) = ({N}, K >= 1, {H}, {W}), got {tuple(masks.shape)}")
         K = masks.shape[1]
         valid = masks.flatten(2).amax(2) > 0  # (N, K)
+        size = scaled_size((H, W), self.config.input_scale)
+        frames = resize(frames, size)
         frames, pad = pad_to_multiple(frames)
-        probs, _ = pad_to_multiple(masks.to(frames.dtype))
+        probs, _ = pad_to_multiple(resize(masks.to(frames.dtype), size, "nearest"))
         bank, out = [], []
         for t in range(1, T):
             bank.append(self.encode_memory(frames[:, t - 1], probs))
             fine = (0, t - 1) if t > 1 else (0,)
             p = self.segment(expand_query(self.encode_query(frames[:, t]), K), stack_memory(bank, fine), fine_frames=fine)
             logits = soft_aggregate(p.view(N, K, *p.shape[1:]), valid)
-            out.append(unpad(logits, pad))
+            out.append(resize(unpad(logits, pad), (H, W)))
             probs = F.softmax(logits, dim=1)[:, 1:]
         return torch.stack(out, 1)
 
