@@ -135,23 +135,25 @@ class InferenceCore:
         if mask is not None:
             mask = self._check_mask(mask).to(device)
         size = scaled_size(self._size, self.model.config.input_scale)  # the network's frame size
-        padded, pad = pad_to_multiple(resize(image[None], size) if size != self._size else image[None])
+        padded, pad = pad_to_multiple(resize(image[None], size))
         padded = padded.to(next(self.model.parameters()).dtype)
 
         with self._autocast(device):
             if self._pending is not None:
                 self._memorise(*self._pending)
             logits = self._predict(padded, pad)
+        rescaled = size != self._size
         if logits is None:  # nothing in memory yet: all background
             scaled = torch.zeros(len(self._labels) + 1, *size, device=device, dtype=torch.promote_types(padded.dtype, torch.float32))
             scaled[0] = 1
             probs = resize(scaled, self._size)
         else:
-            scaled, probs = F.softmax(logits, 0), F.softmax(resize(logits, self._size), 0)
+            scaled = F.softmax(logits, 0)
+            probs = F.softmax(resize(logits, self._size), 0) if rescaled else scaled
         if mask is not None:
             self._add_objects(mask)
             probs = self._apply_mask(probs, mask)
-            scaled = self._apply_mask(scaled, resize(mask, size, "nearest"))
+            scaled = self._apply_mask(scaled, resize(mask, size, "nearest")) if rescaled else probs
         if len(self._labels):
             if self.model.config.memory_masks == "hard":  # a frame's argmax: no half-believed look-alikes in memory
                 scaled = F.one_hot(scaled.argmax(0), scaled.shape[0]).permute(2, 0, 1).to(scaled.dtype)
