@@ -13,7 +13,8 @@ The memory schedule is the released code's:
   frame if given (the configuration the paper calls best; cheap with hmmn_ops's reads);
 - memory masks are the soft probabilities of past frames (``model.config.memory_masks``
   "soft", the released code) or their argmax as one-hot masks ("hard"), the given mask on
-  an annotated frame.
+  an annotated frame; a ``prev_mask`` model's decoder also sees the previous frame's mask,
+  as memorised.
 
 With ``model.config.input_scale`` != 1 the network sees every frame resized by that factor:
 memory, tracking and memorised masks stay at that size, the returned probabilities are the
@@ -139,9 +140,11 @@ class InferenceCore:
         padded = padded.to(next(self.model.parameters()).dtype)
 
         with self._autocast(device):
+            prev = None
             if self._pending is not None:
                 self._memorise(*self._pending)
-            logits = self._predict(padded, pad)
+                prev = self._pending[1][0]  # what the last frame left in memory: the prev_mask prior
+            logits = self._predict(padded, pad, prev)
         rescaled = size != self._size
         if logits is None:  # nothing in memory yet: all background
             scaled = torch.zeros(len(self._labels) + 1, *size, device=device, dtype=torch.promote_types(padded.dtype, torch.float32))
@@ -216,9 +219,9 @@ class InferenceCore:
             g.newest_kept = self._keep(t, g, self.mem_every)
             g.fine_newest_kept = self._keep(t, g, self.fine_mem_every)
 
-    def _predict(self, padded, pad):
+    def _predict(self, padded, pad, prev):
         """(K+1, h, w) logits of the current frame at the network's (unpadded) size, or None
-        when there is no memory yet."""
+        when there is no memory yet. prev: (K, Hp, Wp) the last frame's object masks, padded."""
         K = len(self._labels)
         dtype = torch.promote_types(padded.dtype, torch.float32)  # aggregation in float32 even under amp
         ready = [g for g in self._groups if g.memory is not None]
@@ -235,7 +238,8 @@ class InferenceCore:
             elif kernel == "kmn":
                 centers, sigma = self.model.kmn_centers(q.k4, g.memory.k4)
             fine_frames = [g.frames.index(f) for f in g.fine]
-            obj[g.start:g.start + g.count] = self.model.segment(q, g.memory, centers, sigma, fine_frames).to(dtype)
+            rows = prev[g.start:g.start + g.count] if self.model.config.prev_mask else None
+            obj[g.start:g.start + g.count] = self.model.segment(q, g.memory, centers, sigma, fine_frames, rows).to(dtype)
         return unpad(soft_aggregate(obj[None]), pad)[0]
 
     def _add_objects(self, mask):

@@ -94,6 +94,7 @@ class TrainConfig:
     fine_readout_loss: float = 0.0  # weight of each of the res3 / res2 readout losses (Trainee), 0: none
     tied_init: bool = True  # start memory encoder / key heads as copies of the query ones (tie_initialisation)
     init: str = None  # start from these weights (a run's checkpoint.pt / weights.pt, or exported weights) instead
+    prior_lr_scale: float = 1.0  # learning-rate multiplier of a prev_mask model's zero-started convPrev
     amp: bool = True  # float16 autocast + gradient scaling, on CUDA only
     # bookkeeping
     checkpoint_every: int = 200
@@ -122,6 +123,7 @@ class TrainConfig:
             ("pretrain_steps", self.pretrain_steps >= 0, ">= 0"),
             ("main_steps", self.main_steps >= 0, ">= 0"),
             ("lr", self.lr > 0, "> 0"),
+            ("prior_lr_scale", self.prior_lr_scale > 0, "> 0"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("log_every", self.log_every >= 1, ">= 1"),
             # a resumed run then starts on a log interval: its log matches an uninterrupted run's
@@ -351,19 +353,33 @@ def tie_initialisation(model):
 def initialise_from(trainee, path):
     """Load the model (and the readout probes the file has) of `path`: a run's
     checkpoint.pt or weights.pt, or exported weights. The architecture must be the config's:
-    the fields that change the weights' shapes must agree; matching switches may differ."""
+    the fields that change the weights' shapes must agree; matching switches may differ, and a
+    ``prev_mask`` model may start from one without the prior (its convolutions stay at zero)."""
     from .models import load_model
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TrainConfig.init: weights not found: {path}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     source = load_model(checkpoint)
+    state = source.state_dict()
+    if trainee.model.config.prev_mask and not source.config.prev_mask:
+        # The prior's convolutions start at zero: the model starts as the one it comes from.
+        state.update({k: v for k, v in trainee.model.state_dict().items() if ".convPrev." in k})
     try:
-        trainee.model.load_state_dict(source.state_dict())
+        trainee.model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"TrainConfig.init: {path} holds another architecture than TrainConfig.model "
                          f"({source.config.to_dict()}): {str(e).splitlines()[0]}") from None
     trainee.load_probe_state(checkpoint, required=False)
+
+
+def _param_groups(trainee, cfg):
+    """Adam's parameter groups, each with its "lr_scale". A prev_mask model's prior
+    convolutions start at zero, one input channel each: at the others' learning rate Adam moves
+    them by at most lr a step, so they would weigh little for thousands of steps."""
+    prior = [p for name, p in trainee.named_parameters() if ".convPrev." in name]
+    rest = [p for name, p in trainee.named_parameters() if ".convPrev." not in name]
+    return [{"params": rest, "lr_scale": 1.0}] + ([{"params": prior, "lr_scale": cfg.prior_lr_scale}] if prior else [])
 
 
 class Trainee(torch.nn.Module):
@@ -637,7 +653,7 @@ def train(cfg, out, resume=False, progress=True, stop_at=None):
         if cfg.init and not exists:
             initialise_from(trainee, cfg.init)
         trainee.to(dist.device)
-        optimizer = torch.optim.Adam(trainee.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.Adam(_param_groups(trainee, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
         use_amp = cfg.amp and dist.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
@@ -674,7 +690,7 @@ def train(cfg, out, resume=False, progress=True, stop_at=None):
             dropout, p_hide, max_skip = _ramps(cfg, step)
             model.readout_dropout = dropout
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
+                group["lr"] = learning_rate(cfg, step) * group.get("lr_scale", 1.0)  # none in older checkpoints
             loss, ce, aux = clip_loss(ddp, batch, dist.device, autocast)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

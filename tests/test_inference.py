@@ -259,6 +259,33 @@ def test_memory_masks_soft_or_hard(memory_masks):
     assert not torch.equal(hard, probs[1:])  # the two differ, so the test tells them apart
 
 
+def test_prev_mask_model_sees_what_the_last_frame_left_in_memory():
+    # The prior of a prev_mask model is, row for row, the mask the previous frame was memorised
+    # with (hard: its argmax), also for an object group added late and on a padded frame.
+    H, W = 30, 40
+    model = tiny_model(prev_mask=True, memory_masks="hard")
+    with torch.no_grad():
+        for level in (model.Decoder.RF3, model.Decoder.RF2):
+            level.convPrev.weight.normal_()
+    memorised, priors = [], []
+    encode, segment = model.encode_memory, model.segment
+    model.encode_memory = lambda image, probs: memorised.append(probs[0].clone()) or encode(image, probs)
+    model.segment = lambda *args: priors.append(args[-1].clone()) or segment(*args)
+    core = InferenceCore(model)
+    frames = moving_video(4, H, W, seed=3)
+    core.step(frames[0], blobs(H, W, {1: (4, 20, 4, 20)}))
+    core.step(frames[1])
+    core.step(frames[2], blobs(H, W, {2: (16, 28, 24, 38)}))  # a second group
+    core.step(frames[3])
+    # segment calls: frame 1 (group 1), frame 2 (group 1), frame 3 (groups 1 and 2)
+    assert [p.shape[0] for p in priors] == [1, 1, 1, 1]
+    assert all(p.shape == (1, 32, 48) for p in priors)
+    torch.testing.assert_close(priors[0], memorised[0][:1], rtol=0, atol=0)
+    torch.testing.assert_close(priors[1], memorised[1][:1], rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(priors[2:]), memorised[2], rtol=0, atol=0)
+    assert set(memorised[1].unique().tolist()) <= {0.0, 1.0}  # hard, as memorised
+
+
 def test_input_scale_runs_the_network_on_resized_frames():
     # A core whose model has input_scale = 2 returns what a scale-1 core fed the frames resized
     # x2 (masks nearest) returns, with its logits resized back to the frame's size.

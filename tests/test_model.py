@@ -210,7 +210,7 @@ def test_padding_is_centred_and_undone():
 
 
 def test_config_and_checkpoint_round_trip(tmp_path):
-    cfg = HMMNConfig(**TINY, kernel="kmn", topk=16, fine_topk=4, memory_masks="hard", input_scale=2)
+    cfg = HMMNConfig(**TINY, kernel="kmn", topk=16, fine_topk=4, memory_masks="hard", input_scale=2, prev_mask=True)
     assert HMMNConfig.from_dict(cfg.to_dict()) == cfg
     model = HMMN(cfg)
     path = tmp_path / "w.pt"
@@ -225,6 +225,9 @@ def test_config_and_checkpoint_round_trip(tmp_path):
     for bad in (0, -1.0, 9, True, "2"):
         with pytest.raises(ValueError, match="input_scale"):
             HMMNConfig(input_scale=bad)
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="prev_mask"):
+            HMMNConfig(prev_mask=bad)
     with pytest.raises(ValueError, match="3 stages"):
         HMMNConfig(backbone=BackboneConfig(layers=(1, 1)))
     with pytest.raises(FileNotFoundError):
@@ -250,6 +253,42 @@ def test_input_scale_is_resizing_around_the_network(scale, size):
     assert got.shape == (2, 2, 3, H, W)
     want = F.interpolate(up.flatten(0, 1), size=(H, W), mode="bilinear", align_corners=False).view(2, 2, 3, H, W)
     torch.testing.assert_close(got, want)
+
+
+def test_prev_mask_prior_starts_as_the_model_without_it():
+    # Zero-initialised convPrev: a prev_mask model computes what the same weights without the
+    # prior compute; once convPrev is not zero, the previous mask changes the output and the
+    # training forward feeds it (the given mask, then the predicted one) with gradients.
+    torch.manual_seed(3)
+    prior = HMMN(HMMNConfig(**TINY, prev_mask=True)).double()
+    plain = HMMN(HMMNConfig(**TINY)).double()
+    state = prior.state_dict()
+    assert {k for k in state if "convPrev" in k} == {"Decoder.RF3.convPrev.weight", "Decoder.RF2.convPrev.weight"}
+    plain.load_state_dict({k: v for k, v in state.items() if "convPrev" not in k})
+    frames = torch.rand(2, 3, 3, 37, 50, dtype=torch.float64)
+    masks = (torch.rand(2, 2, 37, 50) > 0.6).double()
+    torch.testing.assert_close(prior(frames, masks), plain(frames, masks), rtol=0, atol=0)
+
+    prior(frames, masks).logsumexp(2).sum().backward()
+    assert prior.Decoder.RF2.convPrev.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        prior.Decoder.RF2.convPrev.weight.normal_()
+    assert not torch.allclose(prior(frames, masks), plain(frames, masks))
+
+    prior.eval()
+    frame, _ = pad_to_multiple(frames[:1, 0])
+    memory = stack_memory([prior.encode_memory(frame, pad_to_multiple(masks[:1])[0])], (0,))
+    query = expand_query(prior.encode_query(frame), 2)
+    prev = torch.rand(2, *frame.shape[2:], dtype=torch.float64)
+    with torch.no_grad():
+        a, b = prior.segment(query, memory, prev=prev), prior.segment(query, memory, prev=prev.flip(1))
+    assert a.shape == (2, *frame.shape[2:]) and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match=r"prev: expected the objects' previous masks \(B, H, W\) = \(2, 48, 64\)"):
+        prior.segment(query, memory)
+    with pytest.raises(ValueError, match="prev: expected the objects' previous masks"):
+        prior.segment(query, memory, prev=prev[:, :-1])
+    with pytest.raises(ValueError, match="prev: expected None"):
+        plain.eval().segment(query, memory, prev=prev)
 
 
 # ---------------------------------------------------------------- DMN-AOA

@@ -67,6 +67,11 @@ class HMMNConfig:
         likewise (nearest), and logits back to the frame's size after the decoder; everything in
         between (memory, reads, tracking) runs at the scaled size. 1 is the released model; 2
         gives small objects 4x the res4 cells (tried for the shipped weights: docs/training.md).
+    prev_mask: the decoder also sees each object's mask on the previous frame (RGMP's prior,
+        not in the released model), pooled to 1/8 and 1/4 and added at the res3 / res2
+        refinements through zero-initialised 3x3 convolutions (``convPrev``), so weights
+        trained without it load and behave as before. Memory matches by appearance; the prior
+        says where the object just was, which look-alikes touching it do not share.
     """
 
     backbone: object = "resnet50"
@@ -83,6 +88,7 @@ class HMMNConfig:
     kmn_sigma: float = 7.0
     memory_masks: str = "soft"
     input_scale: float = 1.0
+    prev_mask: bool = False
 
     def __post_init__(self):
         bb = backbone_config(self.backbone)
@@ -101,6 +107,8 @@ class HMMNConfig:
         if isinstance(self.input_scale, bool) or not isinstance(self.input_scale, (int, float)) or not 0 < self.input_scale <= 8:
             raise ValueError(f"HMMNConfig.input_scale: expected a number in (0, 8], got {self.input_scale!r}")
         object.__setattr__(self, "input_scale", float(self.input_scale))
+        if not isinstance(self.prev_mask, bool):
+            raise ValueError(f"HMMNConfig.prev_mask: expected a bool, got {self.prev_mask!r}")
         if not 1 <= self.fine_topk <= self.topk:
             raise ValueError(f"HMMNConfig: expected 1 <= fine_topk <= topk, got fine_topk={self.fine_topk}, topk={self.topk}")
         if self.decoder_dim < 1 or self.window < 1 or self.window % 2 == 0 or not self.kmn_sigma > 0:
@@ -236,17 +244,23 @@ class ResBlock(nn.Module):
 
 class Refine(nn.Module):
     """One decoder stage: the skip and the memory readout of this level, plus the upsampled
-    coarser stage."""
+    coarser stage (and, with ``prev_mask``, the object's previous mask at this level)."""
 
-    def __init__(self, skip_dim, readout_dim, dim):
+    def __init__(self, skip_dim, readout_dim, dim, prev_mask=False):
         super().__init__()
         self.convFS = nn.Conv2d(skip_dim, dim, 3, padding=1)
         self.convMemory = nn.Conv2d(readout_dim, dim, 3, padding=1, bias=False)
+        if prev_mask:  # zero at first: the stage starts as it was without the prior
+            self.convPrev = nn.Conv2d(1, dim, 3, padding=1, bias=False)
+            nn.init.zeros_(self.convPrev.weight)
         self.ResFS = ResBlock(dim)
         self.ResMM = ResBlock(dim)
 
-    def forward(self, skip, coarse, readout):
-        s = self.ResFS(self.convFS(skip) + self.convMemory(readout))
+    def forward(self, skip, coarse, readout, prev=None):
+        x = self.convFS(skip) + self.convMemory(readout)
+        if prev is not None:
+            x = x + self.convPrev(F.adaptive_avg_pool2d(prev, skip.shape[-2:]))
+        s = self.ResFS(x)
         m = s + F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)
         return self.ResMM(m)
 
@@ -258,21 +272,22 @@ class Decoder(nn.Module):
     this probability on the way in (so whatever reads the decoder's inputs, as the training's
     readout probes do, sees them undropped)."""
 
-    def __init__(self, in_dim, skip_dims, readout_dims, dim):
+    def __init__(self, in_dim, skip_dims, readout_dims, dim, prev_mask=False):
         super().__init__()
         self.readout_dropout = 0.0
         self.convFM = nn.Conv2d(in_dim, dim, 3, padding=1)
         self.ResMM = ResBlock(dim)
-        self.RF3 = Refine(skip_dims[0], readout_dims[0], dim)
-        self.RF2 = Refine(skip_dims[1], readout_dims[1], dim)
+        self.RF3 = Refine(skip_dims[0], readout_dims[0], dim, prev_mask)
+        self.RF2 = Refine(skip_dims[1], readout_dims[1], dim, prev_mask)
         self.pred2 = nn.Conv2d(dim, 2, 3, padding=1)
 
-    def forward(self, m4, r3, r2, read3, read2):
+    def forward(self, m4, r3, r2, read3, read2, prev=None):
+        """prev: None, or (B, 1, H, W) the objects' previous masks at the frame's (padded) size."""
         if self.training and self.readout_dropout > 0:
             read3, read2 = (_drop_whole(r, self.readout_dropout) for r in (read3, read2))
         m = self.ResMM(self.convFM(m4))
-        m = self.RF3(r3, m, read3)
-        m = self.RF2(r2, m, read2)
+        m = self.RF3(r3, m, read3, prev)
+        m = self.RF2(r2, m, read2, prev)
         p = self.pred2(F.relu(m))  # 1/4
         return F.interpolate(p, scale_factor=4, mode="bilinear", align_corners=False)
 
@@ -307,7 +322,7 @@ class HMMN(nn.Module):
         self.KV_Q_r3 = KeyValue(c3, k3)
         self.KV_M_r2 = KeyValue(c2, k2, v2)
         self.KV_Q_r2 = KeyValue(c2, k2)
-        self.Decoder = Decoder(2 * v4, (c3, c2), (v3, v2), config.decoder_dim)
+        self.Decoder = Decoder(2 * v4, (c3, c2), (v3, v2), config.decoder_dim, config.prev_mask)
 
     @property
     def readout_dropout(self):
@@ -390,10 +405,22 @@ class HMMN(nn.Module):
             r2 = hmmn_ops.kernel_guided_read(query.k2, memory.k2, memory.v2)
         return torch.cat([r4, query.v4], 1), r3, r2
 
-    def segment(self, query, memory, centers=None, sigma=None, fine_frames=None):
-        """Object probabilities (B, H, W) of the query frame (padded size), one row per memory row."""
+    def segment(self, query, memory, centers=None, sigma=None, fine_frames=None, prev=None):
+        """Object probabilities (B, H, W) of the query frame (padded size), one row per memory row.
+
+        prev: each row's object probabilities on the previous frame (B, H, W), padded like the
+        query frame; required by ``config.prev_mask`` models, refused by the others.
+        """
+        if self.config.prev_mask:
+            shape = (query.k4.shape[0], query.r2.shape[-2] * 4, query.r2.shape[-1] * 4)
+            if prev is None or tuple(prev.shape) != shape:
+                raise ValueError(f"prev: expected the objects' previous masks (B, H, W) = {shape} (the model has "
+                                 f"prev_mask=True), got {None if prev is None else tuple(prev.shape)}")
+            prev = prev[:, None].to(query.r2.dtype)
+        elif prev is not None:
+            raise ValueError(f"prev: expected None (the model has prev_mask=False), got a tensor {tuple(prev.shape)}")
         m4, read3, read2 = self.read(query, memory, centers, sigma, fine_frames)
-        logits = self.Decoder(m4, query.r3, query.r2, read3, read2)
+        logits = self.Decoder(m4, query.r3, query.r2, read3, read2, prev)
         return F.softmax(logits, dim=1)[:, 1]
 
     # ---- training
@@ -405,7 +432,8 @@ class HMMN(nn.Module):
         probabilities (an all-zero channel is an absent object, for clips with fewer objects).
         Frame 0 is memorised with its mask, frame 1 segmented, memorised with its predicted soft
         mask, frame 2 segmented from frames 0 and 1, and so on (res4 reads every earlier frame,
-        res3 / res2 the first and previous). Returns logits (N, T-1, K+1, H, W) of frames 1..T-1
+        res3 / res2 the first and previous; with ``prev_mask`` the decoder also sees frame t-1's
+        mask, given or predicted). Returns logits (N, T-1, K+1, H, W) of frames 1..T-1
         (soft aggregation; channel 0 = background) for a cross-entropy against the labels.
         """
         if frames.dim() != 5 or frames.shape[1] < 2 or frames.shape[2] != 3:
@@ -423,7 +451,9 @@ class HMMN(nn.Module):
         for t in range(1, T):
             bank.append(self.encode_memory(frames[:, t - 1], probs))
             fine = (0, t - 1) if t > 1 else (0,)
-            p = self.segment(expand_query(self.encode_query(frames[:, t]), K), stack_memory(bank, fine), fine_frames=fine)
+            prev = probs.reshape(N * K, *probs.shape[2:]) if self.config.prev_mask else None
+            p = self.segment(expand_query(self.encode_query(frames[:, t]), K), stack_memory(bank, fine), fine_frames=fine,
+                             prev=prev)
             logits = soft_aggregate(p.view(N, K, *p.shape[1:]), valid)
             out.append(resize(unpad(logits, pad), (H, W)))
             probs = F.softmax(logits, dim=1)[:, 1:]
