@@ -180,19 +180,28 @@ def load_config(path=None, overrides=()):
             d = yaml.safe_load(f) or {}
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r}: expected key=value")
-        *parents, leaf = key.strip().split(".")
-        target = d
-        for p in parents:
-            target = target.setdefault(p, dict(getattr(TrainConfig(), p, None) or {}))
-        target[leaf] = yaml.safe_load(value)
+    apply_overrides(d, overrides, lambda name: dict(getattr(TrainConfig(), name, None) or {}))
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise ValueError(f"{path or 'overrides'}: unknown TrainConfig fields {unknown}")
     return TrainConfig(**d)
+
+
+def apply_overrides(d, items, nested=lambda name: {}):
+    """Set ``key=value`` items in the dict ``d`` (the value read as YAML; ``a.b=1`` sets
+    ``d["a"]["b"]``, starting ``d["a"]`` from ``nested("a")`` if missing). Returns ``d``."""
+    import yaml
+
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r}: expected key=value")
+        *parents, leaf = key.strip().split(".")
+        target = d
+        for name in parents:
+            target = target.setdefault(name, nested(name))
+        target[leaf] = yaml.safe_load(value)
+    return d
 
 
 def ramp(values, progress):

@@ -18,7 +18,6 @@ import sys
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from hmmn_ops.data import SyntheticConfig
@@ -26,6 +25,7 @@ from hmmn_ops.data.synthetic import SyntheticVideo
 from hmmn_ops.inference import InferenceCore
 from hmmn_ops.metrics import jaccard
 from hmmn_ops.models import load_model
+from hmmn_ops.train import apply_overrides
 
 
 ERROR_KINDS = ("twin", "other target", "occluder", "other look-alike", "background")
@@ -102,12 +102,10 @@ def main(argv=None):
             p.error(f"--{name}: expected {len(args.weights)} values (one per checkpoint), got {len(given)}")
     if args.frames < 2 or args.videos < 1:
         p.error("--frames: expected >= 2 and --videos >= 1")
-    fields = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            p.error(f"--set: expected FIELD=VALUE, got {item!r}")
-        fields[name] = yaml.safe_load(value)
+    try:
+        fields = apply_overrides({}, args.set)
+    except ValueError:
+        p.error(f"--set: expected FIELD=VALUE, got {args.set}")
     torch.set_num_threads(args.threads)
     config = SyntheticConfig(height=args.height, width=args.width, num_frames=args.frames)
     seeds = range(args.seed, args.seed + args.videos)
