@@ -363,7 +363,8 @@ def initialise_from(trainee, path):
     """Load the model (and the readout probes the file has) of `path`: a run's
     checkpoint.pt or weights.pt, or exported weights. The architecture must be the config's:
     the fields that change the weights' shapes must agree; matching switches may differ, and a
-    ``prev_mask`` model may start from one without the prior (its convolutions stay at zero)."""
+    ``prev_mask`` model may start from one without the prior, or with it at fewer levels (the
+    missing convolutions start at zero)."""
     from .models import load_model
 
     if not os.path.isfile(path):
@@ -371,9 +372,8 @@ def initialise_from(trainee, path):
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     source = load_model(checkpoint)
     state = source.state_dict()
-    if trainee.model.config.prev_mask and not source.config.prev_mask:
-        # The prior's convolutions start at zero: the model starts as the one it comes from.
-        state.update({k: v for k, v in trainee.model.state_dict().items() if ".convPrev." in k})
+    # Prior convolutions the source lacks start at zero: the model starts as the one it comes from.
+    state.update({k: v for k, v in trainee.model.state_dict().items() if ".convPrev." in k and k not in state})
     try:
         trainee.model.load_state_dict(state)
     except RuntimeError as e:

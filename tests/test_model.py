@@ -210,7 +210,8 @@ def test_padding_is_centred_and_undone():
 
 
 def test_config_and_checkpoint_round_trip(tmp_path):
-    cfg = HMMNConfig(**TINY, kernel="kmn", topk=16, fine_topk=4, memory_masks="hard", input_scale=2, prev_mask=True)
+    cfg = HMMNConfig(**TINY, kernel="kmn", topk=16, fine_topk=4, memory_masks="hard", input_scale=2, prev_mask=True,
+                     prev_mask_res4=True)
     assert HMMNConfig.from_dict(cfg.to_dict()) == cfg
     model = HMMN(cfg)
     path = tmp_path / "w.pt"
@@ -228,6 +229,10 @@ def test_config_and_checkpoint_round_trip(tmp_path):
     for bad in (1, "yes", None):
         with pytest.raises(ValueError, match="prev_mask"):
             HMMNConfig(prev_mask=bad)
+        with pytest.raises(ValueError, match="prev_mask_res4: expected a bool"):
+            HMMNConfig(prev_mask=True, prev_mask_res4=bad)
+    with pytest.raises(ValueError, match="prev_mask_res4: expected False without prev_mask"):
+        HMMNConfig(prev_mask_res4=True)
     with pytest.raises(ValueError, match="3 stages"):
         HMMNConfig(backbone=BackboneConfig(layers=(1, 1)))
     with pytest.raises(FileNotFoundError):
@@ -255,24 +260,27 @@ def test_input_scale_is_resizing_around_the_network(scale, size):
     torch.testing.assert_close(got, want)
 
 
-def test_prev_mask_prior_starts_as_the_model_without_it():
+@pytest.mark.parametrize("res4", [False, True])
+def test_prev_mask_prior_starts_as_the_model_without_it(res4):
     # Zero-initialised convPrev: a prev_mask model computes what the same weights without the
     # prior compute; once convPrev is not zero, the previous mask changes the output and the
     # training forward feeds it (the given mask, then the predicted one) with gradients.
     torch.manual_seed(3)
-    prior = HMMN(HMMNConfig(**TINY, prev_mask=True)).double()
+    prior = HMMN(HMMNConfig(**TINY, prev_mask=True, prev_mask_res4=res4)).double()
     plain = HMMN(HMMNConfig(**TINY)).double()
     state = prior.state_dict()
-    assert {k for k in state if "convPrev" in k} == {"Decoder.RF3.convPrev.weight", "Decoder.RF2.convPrev.weight"}
+    convs = {"Decoder.RF3.convPrev.weight", "Decoder.RF2.convPrev.weight"} | ({"Decoder.convPrev.weight"} if res4 else set())
+    assert {k for k in state if "convPrev" in k} == convs
+    tested = prior.Decoder.convPrev if res4 else prior.Decoder.RF2.convPrev  # the level under test
     plain.load_state_dict({k: v for k, v in state.items() if "convPrev" not in k})
     frames = torch.rand(2, 3, 3, 37, 50, dtype=torch.float64)
     masks = (torch.rand(2, 2, 37, 50) > 0.6).double()
     torch.testing.assert_close(prior(frames, masks), plain(frames, masks), rtol=0, atol=0)
 
     prior(frames, masks).logsumexp(2).sum().backward()
-    assert prior.Decoder.RF2.convPrev.weight.grad.abs().sum() > 0
+    assert tested.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        prior.Decoder.RF2.convPrev.weight.normal_()
+        tested.weight.normal_()
     assert not torch.allclose(prior(frames, masks), plain(frames, masks))
 
     prior.eval()

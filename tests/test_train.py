@@ -277,17 +277,19 @@ def test_init_starts_from_given_weights(tmp_path):
         train(tiny(init=str(tmp_path / "missing.pt")), str(tmp_path / "fourth"), progress=False)
 
 
-def test_prev_mask_run_starts_from_weights_without_the_prior(tmp_path):
+@pytest.mark.parametrize("res4", [False, True])
+def test_prev_mask_run_starts_from_weights_without_the_prior(tmp_path, res4):
     first = tmp_path / "first"
     train(tiny(pretrain_steps=1, main_steps=0), str(first), progress=False)
-    model = {**TrainConfig().model, "prev_mask": True}
+    model = {**TrainConfig().model, "prev_mask": True, "prev_mask_res4": res4}
+    convs = {"Decoder.RF3.convPrev.weight", "Decoder.RF2.convPrev.weight"} | ({"Decoder.convPrev.weight"} if res4 else set())
     train(tiny(init=str(first / "weights.pt"), model=model, pretrain_steps=0, main_steps=1, lr=1e-12, warmup_steps=0,
                prior_lr_scale=10, video_seeds=(500, 600)), str(tmp_path / "second"), progress=False)
     start = torch.load(first / "weights.pt", weights_only=True)["state_dict"]
     second = torch.load(tmp_path / "second" / "weights.pt", weights_only=True)["state_dict"]
     groups = torch.load(tmp_path / "second" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
-    assert [len(g["params"]) for g in groups][1:] == [2] and groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
-    assert set(second) - set(start) == {"Decoder.RF3.convPrev.weight", "Decoder.RF2.convPrev.weight"}
+    assert [len(g["params"]) for g in groups][1:] == [len(convs)] and groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    assert set(second) - set(start) == convs
     assert all(second[k].abs().max() < 1e-6 for k in set(second) - set(start))  # zero, then one tiny step
     for name, value in start.items():
         if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):

@@ -72,6 +72,9 @@ class HMMNConfig:
         refinements through zero-initialised 3x3 convolutions (``convPrev``), so weights
         trained without it load and behave as before. Memory matches by appearance; the prior
         says where the object just was, which look-alikes touching it do not share.
+    prev_mask_res4: with ``prev_mask``, the prior also enters at 1/16, added to convFM's output
+        (``Decoder.convPrev``, zero-initialised too), where the decoder first decides which
+        res4 cells are the object.
     """
 
     backbone: object = "resnet50"
@@ -89,6 +92,7 @@ class HMMNConfig:
     memory_masks: str = "soft"
     input_scale: float = 1.0
     prev_mask: bool = False
+    prev_mask_res4: bool = False
 
     def __post_init__(self):
         bb = backbone_config(self.backbone)
@@ -107,8 +111,11 @@ class HMMNConfig:
         if isinstance(self.input_scale, bool) or not isinstance(self.input_scale, (int, float)) or not 0 < self.input_scale <= 8:
             raise ValueError(f"HMMNConfig.input_scale: expected a number in (0, 8], got {self.input_scale!r}")
         object.__setattr__(self, "input_scale", float(self.input_scale))
-        if not isinstance(self.prev_mask, bool):
-            raise ValueError(f"HMMNConfig.prev_mask: expected a bool, got {self.prev_mask!r}")
+        for name in ("prev_mask", "prev_mask_res4"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"HMMNConfig.{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.prev_mask_res4 and not self.prev_mask:
+            raise ValueError("HMMNConfig.prev_mask_res4: expected False without prev_mask (it adds the prior at one more level)")
         if not 1 <= self.fine_topk <= self.topk:
             raise ValueError(f"HMMNConfig: expected 1 <= fine_topk <= topk, got fine_topk={self.fine_topk}, topk={self.topk}")
         if self.decoder_dim < 1 or self.window < 1 or self.window % 2 == 0 or not self.kmn_sigma > 0:
@@ -272,10 +279,13 @@ class Decoder(nn.Module):
     this probability on the way in (so whatever reads the decoder's inputs, as the training's
     readout probes do, sees them undropped)."""
 
-    def __init__(self, in_dim, skip_dims, readout_dims, dim, prev_mask=False):
+    def __init__(self, in_dim, skip_dims, readout_dims, dim, prev_mask=False, prev_mask_res4=False):
         super().__init__()
         self.readout_dropout = 0.0
         self.convFM = nn.Conv2d(in_dim, dim, 3, padding=1)
+        if prev_mask_res4:  # zero at first, as the Refine stages' convPrev
+            self.convPrev = nn.Conv2d(1, dim, 3, padding=1, bias=False)
+            nn.init.zeros_(self.convPrev.weight)
         self.ResMM = ResBlock(dim)
         self.RF3 = Refine(skip_dims[0], readout_dims[0], dim, prev_mask)
         self.RF2 = Refine(skip_dims[1], readout_dims[1], dim, prev_mask)
@@ -285,7 +295,10 @@ class Decoder(nn.Module):
         """prev: None, or (B, 1, H, W) the objects' previous masks at the frame's (padded) size."""
         if self.training and self.readout_dropout > 0:
             read3, read2 = (_drop_whole(r, self.readout_dropout) for r in (read3, read2))
-        m = self.ResMM(self.convFM(m4))
+        m = self.convFM(m4)
+        if prev is not None and hasattr(self, "convPrev"):
+            m = m + self.convPrev(F.adaptive_avg_pool2d(prev, m4.shape[-2:]))
+        m = self.ResMM(m)
         m = self.RF3(r3, m, read3, prev)
         m = self.RF2(r2, m, read2, prev)
         p = self.pred2(F.relu(m))  # 1/4
@@ -322,7 +335,8 @@ class HMMN(nn.Module):
         self.KV_Q_r3 = KeyValue(c3, k3)
         self.KV_M_r2 = KeyValue(c2, k2, v2)
         self.KV_Q_r2 = KeyValue(c2, k2)
-        self.Decoder = Decoder(2 * v4, (c3, c2), (v3, v2), config.decoder_dim, config.prev_mask)
+        self.Decoder = Decoder(2 * v4, (c3, c2), (v3, v2), config.decoder_dim, config.prev_mask,
+                               config.prev_mask_res4)
 
     @property
     def readout_dropout(self):
