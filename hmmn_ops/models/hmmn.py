@@ -249,6 +249,19 @@ class ResBlock(nn.Module):
         return x + self.conv2(F.relu(self.conv1(F.relu(x))))
 
 
+class PriorConv(nn.Conv2d):
+    """The previous-mask prior of one decoder stage: the mask average-pooled to the stage's size,
+    through a 3x3 convolution that starts at zero, so a stage given it computes what it did
+    without it until training moves the weights."""
+
+    def __init__(self, dim):
+        super().__init__(1, dim, 3, padding=1, bias=False)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, prev, size):
+        return super().forward(F.adaptive_avg_pool2d(prev, size))
+
+
 class Refine(nn.Module):
     """One decoder stage: the skip and the memory readout of this level, plus the upsampled
     coarser stage (and, with ``prev_mask``, the object's previous mask at this level)."""
@@ -257,16 +270,14 @@ class Refine(nn.Module):
         super().__init__()
         self.convFS = nn.Conv2d(skip_dim, dim, 3, padding=1)
         self.convMemory = nn.Conv2d(readout_dim, dim, 3, padding=1, bias=False)
-        if prev_mask:  # zero at first: the stage starts as it was without the prior
-            self.convPrev = nn.Conv2d(1, dim, 3, padding=1, bias=False)
-            nn.init.zeros_(self.convPrev.weight)
+        self.convPrev = PriorConv(dim) if prev_mask else None
         self.ResFS = ResBlock(dim)
         self.ResMM = ResBlock(dim)
 
     def forward(self, skip, coarse, readout, prev=None):
         x = self.convFS(skip) + self.convMemory(readout)
         if prev is not None:
-            x = x + self.convPrev(F.adaptive_avg_pool2d(prev, skip.shape[-2:]))
+            x = x + self.convPrev(prev, skip.shape[-2:])
         s = self.ResFS(x)
         m = s + F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)
         return self.ResMM(m)
@@ -283,9 +294,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.readout_dropout = 0.0
         self.convFM = nn.Conv2d(in_dim, dim, 3, padding=1)
-        if prev_mask_res4:  # zero at first, as the Refine stages' convPrev
-            self.convPrev = nn.Conv2d(1, dim, 3, padding=1, bias=False)
-            nn.init.zeros_(self.convPrev.weight)
+        self.convPrev = PriorConv(dim) if prev_mask_res4 else None
         self.ResMM = ResBlock(dim)
         self.RF3 = Refine(skip_dims[0], readout_dims[0], dim, prev_mask)
         self.RF2 = Refine(skip_dims[1], readout_dims[1], dim, prev_mask)
@@ -296,8 +305,8 @@ class Decoder(nn.Module):
         if self.training and self.readout_dropout > 0:
             read3, read2 = (_drop_whole(r, self.readout_dropout) for r in (read3, read2))
         m = self.convFM(m4)
-        if prev is not None and hasattr(self, "convPrev"):
-            m = m + self.convPrev(F.adaptive_avg_pool2d(prev, m4.shape[-2:]))
+        if prev is not None and self.convPrev is not None:
+            m = m + self.convPrev(prev, m4.shape[-2:])
         m = self.ResMM(m)
         m = self.RF3(r3, m, read3, prev)
         m = self.RF2(r2, m, read2, prev)
