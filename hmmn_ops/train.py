@@ -95,6 +95,8 @@ class TrainConfig:
     tied_init: bool = True  # start memory encoder / key heads as copies of the query ones (tie_initialisation)
     init: str = None  # start from these weights (a run's checkpoint.pt / weights.pt, or exported weights) instead
     prior_lr_scale: float = 1.0  # learning-rate multiplier of a prev_mask model's zero-started convPrev
+    prior_dropout: float = 0.0  # a prev_mask model's prior is zeroed per sample and frame with this probability
+    lose_objects: float = 0.0  # an object's predicted mask is zeroed (memory and prior) with this probability
     amp: bool = True  # float16 autocast + gradient scaling, on CUDA only
     # bookkeeping
     checkpoint_every: int = 200
@@ -124,6 +126,8 @@ class TrainConfig:
             ("main_steps", self.main_steps >= 0, ">= 0"),
             ("lr", self.lr > 0, "> 0"),
             ("prior_lr_scale", self.prior_lr_scale > 0, "> 0"),
+            ("prior_dropout", 0 <= self.prior_dropout < 1, "in [0, 1)"),
+            ("lose_objects", 0 <= self.lose_objects < 1, "in [0, 1)"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("log_every", self.log_every >= 1, ">= 1"),
             # a resumed run then starts on a log interval: its log matches an uninterrupted run's
@@ -136,7 +140,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
         if self.pretrain_steps + self.main_steps < 1:
             raise ValueError("TrainConfig: pretrain_steps + main_steps must be >= 1")
-        self.model_config()  # fails now, not after the data is built
+        model = self.model_config()  # fails now, not after the data is built
+        if self.prior_dropout > 0 and not model.prev_mask:
+            raise ValueError(f"TrainConfig.prior_dropout: expected 0 for a model without prev_mask, got {self.prior_dropout}")
 
     @property
     def total_steps(self):
@@ -373,7 +379,7 @@ def initialise_from(trainee, path):
     source = load_model(checkpoint)
     state = source.state_dict()
     # Prior convolutions the source lacks start at zero: the model starts as the one it comes from.
-    state.update({k: v for k, v in trainee.model.state_dict().items() if ".convPrev." in k and k not in state})
+    state.update({k: v for k, v in trainee.model.state_dict().items() if _is_prior(k) and k not in state})
     try:
         trainee.model.load_state_dict(state)
     except RuntimeError as e:
@@ -382,12 +388,19 @@ def initialise_from(trainee, path):
     trainee.load_probe_state(checkpoint, required=False)
 
 
+def _is_prior(name):
+    """A parameter of a prev_mask model's prior convolutions (``models.hmmn.PriorConv``)."""
+    return ".convPrev." in name
+
+
 def _param_groups(trainee, cfg):
     """Adam's parameter groups, each with its "lr_scale". A prev_mask model's prior
     convolutions start at zero, one input channel each: at the others' learning rate Adam moves
     them by at most lr a step, so they would weigh little for thousands of steps."""
-    prior = [p for name, p in trainee.named_parameters() if ".convPrev." in name]
-    rest = [p for name, p in trainee.named_parameters() if ".convPrev." not in name]
+    groups = {True: [], False: []}
+    for name, p in trainee.named_parameters():
+        groups[_is_prior(name)].append(p)
+    prior, rest = groups[True], groups[False]
     return [{"params": rest, "lr_scale": 1.0}] + ([{"params": prior, "lr_scale": cfg.prior_lr_scale}] if prior else [])
 
 
@@ -698,6 +711,7 @@ def train(cfg, out, resume=False, progress=True, stop_at=None):
             torch.manual_seed(_step_seed(cfg, dist.rank, step))  # readout dropout, whatever came before
             dropout, p_hide, max_skip = _ramps(cfg, step)
             model.readout_dropout = dropout
+            model.prior_dropout, model.lose_objects = cfg.prior_dropout, cfg.lose_objects
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step) * group.get("lr_scale", 1.0)  # none in older checkpoints
             loss, ce, aux = clip_loss(ddp, batch, dist.device, autocast)

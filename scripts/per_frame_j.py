@@ -31,16 +31,25 @@ from hmmn_ops.train import apply_overrides
 ERROR_KINDS = ("twin", "other target", "occluder", "other look-alike", "background")
 
 
+def losses_of(scores, lost=0.2, found=0.5):
+    """(times J falls below ``lost``, how many of those are followed by J >= ``found`` on a later
+    frame) for one object's J per frame."""
+    falls = [t for t in range(1, len(scores)) if scores[t] < lost <= scores[t - 1]]
+    return len(falls), sum(max(scores[t + 1:], default=0) >= found for t in falls)
+
+
 def per_frame_j(model, seeds, config, mem_every):
     """(J per frame, copy-first-mask J per frame, errors), frame 0 included (J 1 by construction).
 
     errors: over frames t >= 1 and every object, {"lost": share of (object, frame) pairs with
-    J < 0.2, "missed": false-negative pixels / object pixels, and per kind of ERROR_KINDS:
-    false-positive pixels lying on it / object pixels}. "twin" is the object's own look-alike
+    J < 0.2, "missed": false-negative pixels / object pixels, "losses": times an object's J
+    fell below 0.2, "found again": share of those after which it came back (J >= 0.5 on a later
+    frame), "lost at the end": share of objects with J < 0.2 on the last frame, and per kind of
+    ERROR_KINDS: false-positive pixels lying on it / object pixels}. "twin" is the object's own look-alike
     (same shape and texture), "other target" another annotated object.
     """
     j, copy, count = (np.zeros(config.num_frames) for _ in range(3))
-    lost = area = missed = 0
+    lost = area = missed = losses = found = lost_at_end = objects_seen = 0
     wrong = dict.fromkeys(ERROR_KINDS, 0)
     with torch.no_grad():
         for seed in tqdm(seeds, leave=False, desc="videos"):
@@ -49,12 +58,14 @@ def per_frame_j(model, seeds, config, mem_every):
             objects = [i for i in np.unique(first) if i > 0]
             layout = video.layout  # what lies under a pixel of the instance map
             core = InferenceCore(model, mem_every=mem_every)
+            history = {i: [] for i in objects}
             for t in range(config.num_frames):
                 image, truth, instances = video.render(t, instances=True)
                 image = torch.tensor(image).permute(2, 0, 1)
                 labels = core.to_labels(core.step(image, torch.tensor(first) if t == 0 else None)).numpy()
                 for i in objects:
                     score = jaccard(truth == i, labels == i)
+                    history[i].append(score)
                     j[t] += score
                     copy[t] += jaccard(truth == i, first == i)
                     count[t] += 1
@@ -69,8 +80,15 @@ def per_frame_j(model, seeds, config, mem_every):
                         kind = ("background" if o is None else "other target" if o["role"] == "target" else
                                 "occluder" if o["role"] == "occluder" else "twin" if o["twin"] == i else "other look-alike")
                         wrong[kind] += pixels
+            for scores in history.values():
+                falls, back = losses_of(scores)
+                losses, found = losses + falls, found + back
+                lost_at_end += scores[-1] < 0.2
+                objects_seen += 1
     pairs = count[1:].sum()
-    errors = {"lost": lost / pairs, "missed": missed / max(area, 1), **{k: v / max(area, 1) for k, v in wrong.items()}}
+    errors = {"lost": lost / pairs, "missed": missed / max(area, 1), "losses": losses,
+              "found again": found / max(losses, 1), "lost at the end": lost_at_end / max(objects_seen, 1),
+              **{k: v / max(area, 1) for k, v in wrong.items()}}
     return j / count, copy / count, errors
 
 
@@ -120,6 +138,9 @@ def main(argv=None):
             print(f"  errors of {label}: lost (J < 0.2) {errors['lost']:.3f} of objects x frames; per object pixel: "
                   f"missed {errors['missed']:.3f}, false positives on " +
                   ", ".join(f"{kind} {errors[kind]:.3f}" for kind in ERROR_KINDS))
+            print(f"  losses of {label}: {errors['losses']} times an object fell below J 0.2, found again (J >= 0.5 "
+                  f"later) {errors['found again']:.3f} of them; lost on the last frame {errors['lost at the end']:.3f} "
+                  f"of objects")
     print(f"copy frame 0's mask: mean J {copy[1:].mean():.3f}   per frame: {' '.join(f'{x:.2f}' for x in copy[1:])}")
     if args.plot:
         import matplotlib

@@ -193,6 +193,80 @@ def test_readout_dropout_drops_whole_samples():
         torch.testing.assert_close(got[~dropped], full[~dropped])  # the others are untouched
 
 
+@pytest.mark.parametrize("res4", [False, True])
+def test_prior_dropout_drops_whole_samples(res4):
+    # A dropped sample's decoder sees no previous mask at any level (as if it were all zero);
+    # the others see theirs untouched; eval never drops.
+    torch.manual_seed(5)
+    model = HMMN(HMMNConfig(**TINY, prev_mask=True, prev_mask_res4=res4)).double()
+    with torch.no_grad():
+        for conv in (model.Decoder.convPrev, model.Decoder.RF3.convPrev, model.Decoder.RF2.convPrev):
+            if conv is not None:
+                conv.weight.normal_()
+    B = 16
+    frame, _ = pad_to_multiple(torch.rand(1, 3, 37, 50, dtype=torch.float64))
+    memory = stack_memory([model.encode_memory(frame, torch.rand(1, B, *frame.shape[2:], dtype=torch.float64))], (0,))
+    query = expand_query(model.encode_query(frame), B)
+    prev = torch.rand(B, *frame.shape[2:], dtype=torch.float64)
+
+    def segment(p, training):
+        model.train(training)
+        model.prior_dropout = p
+        with torch.no_grad():
+            return model.segment(query, memory, prev=prev)
+
+    full = segment(0.0, training=True)
+    with torch.no_grad():
+        empty = model.segment(query, memory, prev=torch.zeros_like(prev))
+    assert not torch.allclose(full, empty)
+    torch.testing.assert_close(segment(1.0, training=False), segment(0.0, training=False))
+    torch.testing.assert_close(segment(1.0, training=True), empty)
+    got = segment(0.5, training=True)
+    dropped = (got - empty).flatten(1).abs().amax(1) == 0
+    assert 0 < int(dropped.sum()) < B  # 16 coin flips (all equal: 2 in 65536)
+    torch.testing.assert_close(got[~dropped], full[~dropped])
+    assert not torch.allclose(full[dropped], empty[dropped])  # the dropped ones did change
+
+
+@pytest.mark.parametrize("prev_mask", [False, True])
+def test_lose_objects_hides_predictions_from_later_frames(prev_mask):
+    # Training with lose_objects = 1: frame 1 is segmented from the given mask as always, but
+    # frame 2 then sees frame 1 memorised (and, with prev_mask, as its prior) with no object,
+    # which is what the same model computes from a clip whose frame-1 masks are all zero. Eval
+    # never drops.
+    torch.manual_seed(11)
+    model = HMMN(HMMNConfig(**TINY, prev_mask=prev_mask)).double()
+    with torch.no_grad():
+        for conv in (model.Decoder.RF3.convPrev, model.Decoder.RF2.convPrev):
+            if conv is not None:
+                conv.weight.normal_()
+    frames = torch.rand(2, 3, 3, 37, 50, dtype=torch.float64)
+    masks = (torch.rand(2, 2, 37, 50) > 0.6).double()
+
+    def run(p, training):
+        model.train(training)
+        model.lose_objects = p
+        with torch.no_grad():
+            return model(frames, masks)
+
+    kept, lost = run(0.0, True), run(1.0, True)
+    torch.testing.assert_close(lost[:, 0], kept[:, 0], rtol=0, atol=0)
+    assert not torch.allclose(lost[:, 1], kept[:, 1])
+    # the same frame 2 by hand: memory = frame 0 with its masks + frame 1 with none
+    model.lose_objects = 0.0
+    frame, pad = pad_to_multiple(frames.flatten(0, 1))
+    frame = frame.view(2, 3, 3, *frame.shape[-2:])
+    given, _ = pad_to_multiple(masks)
+    with torch.no_grad():
+        bank = [model.encode_memory(frame[:, 0], given), model.encode_memory(frame[:, 1], torch.zeros_like(given))]
+        prev = torch.zeros(4, *frame.shape[-2:], dtype=torch.float64) if prev_mask else None
+        p = model.segment(expand_query(model.encode_query(frame[:, 2]), 2), stack_memory(bank, (0, 1)), fine_frames=(0, 1),
+                          prev=prev)
+    want = soft_aggregate(p.view(2, 2, *p.shape[1:]), masks.flatten(2).amax(2) > 0)
+    torch.testing.assert_close(lost[:, 1], unpad(want, pad))
+    torch.testing.assert_close(run(1.0, training=False), run(0.0, training=False), rtol=0, atol=0)
+
+
 def test_soft_aggregate():
     p = torch.tensor([[[[0.9]], [[0.2]]]])
     probs = F.softmax(soft_aggregate(p), 1)[0, :, 0, 0]

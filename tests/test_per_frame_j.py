@@ -27,6 +27,7 @@ def test_curves_and_plot(tmp_path, capsys):
     assert plot.is_file() and not (tmp_path / "j.png.tmp.png").exists()
     errors = [line for line in lines if line.strip().startswith("errors of")]
     assert [e.split()[2].rstrip(":") for e in errors] == ["a", "b"] and all("twin" in e for e in errors)
+    assert sum(line.strip().startswith("losses of") for line in lines) == 2
 
 
 def test_errors_are_shares_that_add_up():
@@ -37,8 +38,16 @@ def test_errors_are_shares_that_add_up():
     config = SyntheticConfig(height=48, width=64, num_frames=4)
     j, copy, errors = per_frame_j.per_frame_j(load_model(DEFAULT_WEIGHTS), range(3), config, 5)
     assert j[0] == 1 and copy[0] == 1 and all(0 <= x <= 1 for x in np.r_[j, copy])
-    assert set(errors) == {"lost", "missed", *per_frame_j.ERROR_KINDS}
-    assert 0 <= errors["lost"] <= 1 and 0 <= errors["missed"] <= 1 and all(v >= 0 for v in errors.values())
+    assert set(errors) == {"lost", "missed", "losses", "found again", "lost at the end", *per_frame_j.ERROR_KINDS}
+    shares = ("lost", "missed", "found again", "lost at the end")
+    assert all(0 <= errors[k] <= 1 for k in shares) and all(v >= 0 for v in errors.values())
+
+
+def test_losses_count_falls_and_recoveries():
+    assert per_frame_j.losses_of([1.0, 0.9, 0.8]) == (0, 0)
+    assert per_frame_j.losses_of([1.0, 0.1, 0.0, 0.6, 0.1, 0.3]) == (2, 1)  # found again after the first only
+    assert per_frame_j.losses_of([1.0, 0.1, 0.4, 0.1]) == (2, 0)  # 0.4 is not found, and a second fall
+    assert per_frame_j.losses_of([0.1, 0.0, 0.9]) == (0, 0)  # never above 0.2: no fall
 
 
 def test_argument_counts_must_match(capsys):

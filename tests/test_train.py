@@ -10,6 +10,7 @@ import torch
 from hmmn_ops.cli import main
 from hmmn_ops.models import load_model
 from hmmn_ops.models import HMMN
+from hmmn_ops.models.hmmn import Decoder
 from hmmn_ops.train import (TrainConfig, Trainee, _batches, _datasets, _ramps, clip_loss, export_weights, learning_rate,
                             load_config, tie_initialisation, train)
 
@@ -178,6 +179,15 @@ def test_config_file_and_overrides(tmp_path):
         TrainConfig(log_every=10, checkpoint_every=15)
     with pytest.raises(ValueError, match="HMMNConfig"):
         TrainConfig(model=dict(kernel="gauss"))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"TrainConfig.prior_dropout: expected in \[0, 1\)"):
+            TrainConfig(prior_dropout=bad, model=dict(prev_mask=True))
+    with pytest.raises(ValueError, match="TrainConfig.prior_dropout: expected 0 for a model without prev_mask"):
+        TrainConfig(prior_dropout=0.2)
+    assert TrainConfig(prior_dropout=0.2, model=dict(prev_mask=True)).prior_dropout == 0.2
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"TrainConfig.lose_objects: expected in \[0, 1\)"):
+            TrainConfig(lose_objects=bad)
 
 
 def test_longer_main_training_clips(tmp_path):
@@ -278,13 +288,19 @@ def test_init_starts_from_given_weights(tmp_path):
 
 
 @pytest.mark.parametrize("res4", [False, True])
-def test_prev_mask_run_starts_from_weights_without_the_prior(tmp_path, res4):
+def test_prev_mask_run_starts_from_weights_without_the_prior(tmp_path, monkeypatch, res4):
     first = tmp_path / "first"
     train(tiny(pretrain_steps=1, main_steps=0), str(first), progress=False)
     model = {**TrainConfig().model, "prev_mask": True, "prev_mask_res4": res4}
     convs = {"Decoder.RF3.convPrev.weight", "Decoder.RF2.convPrev.weight"} | ({"Decoder.convPrev.weight"} if res4 else set())
+    seen = []  # the prior dropout and object losses the model trains with
+    decode, forward = Decoder.forward, HMMN.forward
+    monkeypatch.setattr(Decoder, "forward", lambda self, *a: seen.append(("prior", self.prior_dropout)) or decode(self, *a))
+    monkeypatch.setattr(HMMN, "forward", lambda self, *a: seen.append(("lose", self.lose_objects)) or forward(self, *a))
     train(tiny(init=str(first / "weights.pt"), model=model, pretrain_steps=0, main_steps=1, lr=1e-12, warmup_steps=0,
-               prior_lr_scale=10, video_seeds=(500, 600)), str(tmp_path / "second"), progress=False)
+               prior_lr_scale=10, prior_dropout=0.25 * res4, lose_objects=0.5 * res4, video_seeds=(500, 600)),
+          str(tmp_path / "second"), progress=False)
+    assert set(seen) == {("prior", 0.25 * res4), ("lose", 0.5 * res4)}
     start = torch.load(first / "weights.pt", weights_only=True)["state_dict"]
     second = torch.load(tmp_path / "second" / "weights.pt", weights_only=True)["state_dict"]
     groups = torch.load(tmp_path / "second" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]

@@ -288,11 +288,13 @@ class Decoder(nn.Module):
 
     ``readout_dropout``: in training, every sample's whole res3 and res2 readout is zeroed with
     this probability on the way in (so whatever reads the decoder's inputs, as the training's
-    readout probes do, sees them undropped)."""
+    readout probes do, sees them undropped). ``prior_dropout``: likewise every sample's whole
+    previous mask (at every level at once)."""
 
     def __init__(self, in_dim, skip_dims, readout_dims, dim, prev_mask=False, prev_mask_res4=False):
         super().__init__()
         self.readout_dropout = 0.0
+        self.prior_dropout = 0.0
         self.convFM = nn.Conv2d(in_dim, dim, 3, padding=1)
         self.convPrev = PriorConv(dim) if prev_mask_res4 else None
         self.ResMM = ResBlock(dim)
@@ -304,6 +306,8 @@ class Decoder(nn.Module):
         """prev: None, or (B, 1, H, W) the objects' previous masks at the frame's (padded) size."""
         if self.training and self.readout_dropout > 0:
             read3, read2 = (_drop_whole(r, self.readout_dropout) for r in (read3, read2))
+        if self.training and self.prior_dropout > 0 and prev is not None:
+            prev = _drop_whole(prev, self.prior_dropout)
         m = self.convFM(m4)
         if prev is not None and self.convPrev is not None:
             m = m + self.convPrev(prev, m4.shape[-2:])
@@ -325,6 +329,17 @@ class HMMN(nn.Module):
     and res2 readout is zeroed with this probability as it enters the decoder (independently
     per readout, no rescaling, so the decoder sees the same scale as at test time). Change it
     between steps to schedule it.
+
+    ``prior_dropout`` (attribute, default 0; ``prev_mask`` models): during training, every
+    sample's whole previous mask is zeroed with this probability as it enters the decoder, so
+    the model also learns to find an object from memory alone. At test time an object the
+    previous frame lost (an occlusion, a twin) has an empty prior; a model that never saw one
+    in training marks nothing where the prior is empty, and never finds the object again.
+
+    ``lose_objects`` (attribute, default 0): during training, every object's predicted mask
+    of a segmented frame is zeroed with this probability before it is memorised and passed
+    on as the next frame's prior, as if the model had lost the object there: the next frames
+    must find it again from the earlier ones, as at test time after a loss.
     """
 
     def __init__(self, config=None, **fields):
@@ -346,6 +361,7 @@ class HMMN(nn.Module):
         self.KV_Q_r2 = KeyValue(c2, k2)
         self.Decoder = Decoder(2 * v4, (c3, c2), (v3, v2), config.decoder_dim, config.prev_mask,
                                config.prev_mask_res4)
+        self.lose_objects = 0.0
 
     @property
     def readout_dropout(self):
@@ -354,6 +370,14 @@ class HMMN(nn.Module):
     @readout_dropout.setter
     def readout_dropout(self, p):
         self.Decoder.readout_dropout = float(p)
+
+    @property
+    def prior_dropout(self):
+        return self.Decoder.prior_dropout
+
+    @prior_dropout.setter
+    def prior_dropout(self, p):
+        self.Decoder.prior_dropout = float(p)
 
     def extra_repr(self):
         return f"config={self.config}"
@@ -480,6 +504,8 @@ class HMMN(nn.Module):
             logits = soft_aggregate(p.view(N, K, *p.shape[1:]), valid)
             out.append(resize(unpad(logits, pad), (H, W)))
             probs = F.softmax(logits, dim=1)[:, 1:]
+            if self.training and self.lose_objects > 0:  # as if the model had lost them: find them again
+                probs = _drop_whole(probs.flatten(0, 1)[:, None], self.lose_objects).view_as(probs)
         return torch.stack(out, 1)
 
     # ---- weights
