@@ -397,10 +397,8 @@ def _param_groups(trainee, cfg):
     """Adam's parameter groups, each with its "lr_scale". A prev_mask model's prior
     convolutions start at zero, one input channel each: at the others' learning rate Adam moves
     them by at most lr a step, so they would weigh little for thousands of steps."""
-    groups = {True: [], False: []}
-    for name, p in trainee.named_parameters():
-        groups[_is_prior(name)].append(p)
-    prior, rest = groups[True], groups[False]
+    prior = [p for name, p in trainee.named_parameters() if _is_prior(name)]
+    rest = [p for name, p in trainee.named_parameters() if not _is_prior(name)]
     return [{"params": rest, "lr_scale": 1.0}] + ([{"params": prior, "lr_scale": cfg.prior_lr_scale}] if prior else [])
 
 
@@ -701,6 +699,7 @@ def train(cfg, out, resume=False, progress=True, stop_at=None):
                 trainee, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
         datasets = dict(zip(("pretrain", "main"), _datasets(cfg)))
         model.train()
+        model.prior_dropout, model.lose_objects = cfg.prior_dropout, cfg.lose_objects  # constant: set once
         bar = tqdm(total=cfg.total_steps, initial=step, disable=not (progress and dist.main), unit="step",
                    file=sys.stderr, dynamic_ncols=True)
         t0, window, window_t = time.time(), [], time.time()
@@ -711,7 +710,6 @@ def train(cfg, out, resume=False, progress=True, stop_at=None):
             torch.manual_seed(_step_seed(cfg, dist.rank, step))  # readout dropout, whatever came before
             dropout, p_hide, max_skip = _ramps(cfg, step)
             model.readout_dropout = dropout
-            model.prior_dropout, model.lose_objects = cfg.prior_dropout, cfg.lose_objects
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step) * group.get("lr_scale", 1.0)  # none in older checkpoints
             loss, ce, aux = clip_loss(ddp, batch, dist.device, autocast)
