@@ -97,6 +97,7 @@ class TrainConfig:
     prior_lr_scale: float = 1.0  # learning-rate multiplier of a prev_mask model's zero-started convPrev
     prior_dropout: float = 0.0  # a prev_mask model's prior is zeroed per sample and frame with this probability
     lose_objects: float = 0.0  # an object's predicted mask is zeroed (memory and prior) with this probability
+    occlusion_clips: float = 0.0  # share of main-training clips built around an occlusion (VideoClips.occlusions)
     amp: bool = True  # float16 autocast + gradient scaling, on CUDA only
     # bookkeeping
     checkpoint_every: int = 200
@@ -128,6 +129,7 @@ class TrainConfig:
             ("prior_lr_scale", self.prior_lr_scale > 0, "> 0"),
             ("prior_dropout", 0 <= self.prior_dropout < 1, "in [0, 1)"),
             ("lose_objects", 0 <= self.lose_objects < 1, "in [0, 1)"),
+            ("occlusion_clips", 0 <= self.occlusion_clips <= 1, "in [0, 1]"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("log_every", self.log_every >= 1, ">= 1"),
             # a resumed run then starts on a log interval: its log matches an uninterrupted run's
@@ -289,7 +291,8 @@ def _datasets(cfg):
         videos = SyntheticVideos(range(*cfg.video_seeds), synth)
     # samples_per_epoch is set per epoch by _batches (it depends on the world size)
     pre = ImageClips(images, cfg.size, max_objects=cfg.max_objects, seed=cfg.seed)
-    main = VideoClips(videos, cfg.size, num_frames=cfg.clip_frames, max_objects=cfg.max_objects, seed=cfg.seed + 1)
+    main = VideoClips(videos, cfg.size, num_frames=cfg.clip_frames, max_objects=cfg.max_objects, seed=cfg.seed + 1,
+                      occlusions=cfg.occlusion_clips)
     return pre, main
 
 

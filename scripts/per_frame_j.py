@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import torch
+from scipy.ndimage import distance_transform_edt
 from tqdm import tqdm
 
 from hmmn_ops.data import SyntheticConfig
@@ -29,6 +30,25 @@ from hmmn_ops.train import apply_overrides
 
 
 ERROR_KINDS = ("twin", "other target", "occluder", "other look-alike", "background")
+# what an (object, frame) pair is up against, first match wins: less than half of the object's
+# largest area in view (occluded, or partly or wholly out of the frame); its look-alike twin
+# within NEAR pixels; any other object (occluder, target, look-alike) within NEAR pixels; nothing
+SITUATIONS = ("hidden", "twin near", "other near", "clear")
+NEAR = 4
+
+
+def situation_of(obj, largest, nearby_roles):
+    """One of SITUATIONS for an object's true mask `obj` (H, W) bool on a frame, its largest
+    area in the video, and the roles of the objects within NEAR pixels ("twin", "other")."""
+    if obj.sum() < 0.5 * largest:
+        return "hidden"
+    return "twin near" if "twin" in nearby_roles else "other near" if nearby_roles else "clear"
+
+
+def _nearby_roles(obj, instances, layout, label):
+    """Roles ("twin" / "other") of the objects drawn within NEAR pixels of the mask `obj`."""
+    ring = (distance_transform_edt(~obj) <= NEAR) & ~obj
+    return {"twin" if layout[k - 1]["twin"] == label else "other" for k in np.unique(instances[ring]) if k}
 
 
 def losses_of(scores, lost=0.2, found=0.5):
@@ -45,12 +65,14 @@ def per_frame_j(model, seeds, config, mem_every):
     J < 0.2, "missed": false-negative pixels / object pixels, "losses": times an object's J
     fell below 0.2, "found again": share of those after which it came back (J >= 0.5 on a later
     frame), "lost at the end": share of objects with J < 0.2 on the last frame, and per kind of
-    ERROR_KINDS: false-positive pixels lying on it / object pixels}. "twin" is the object's own look-alike
-    (same shape and texture), "other target" another annotated object.
+    ERROR_KINDS: false-positive pixels lying on it / object pixels, "situations": {situation:
+    (share of the (object, frame) pairs, their mean J)} for SITUATIONS}. "twin" is the object's
+    own look-alike (same shape and texture), "other target" another annotated object.
     """
     j, copy, count = (np.zeros(config.num_frames) for _ in range(3))
     lost = area = missed = losses = found = lost_at_end = objects_seen = 0
     wrong = dict.fromkeys(ERROR_KINDS, 0)
+    by_situation = {k: [] for k in SITUATIONS}
     with torch.no_grad():
         for seed in tqdm(seeds, leave=False, desc="videos"):
             video = SyntheticVideo(seed, config)
@@ -59,6 +81,7 @@ def per_frame_j(model, seeds, config, mem_every):
             layout = video.layout  # what lies under a pixel of the instance map
             core = InferenceCore(model, mem_every=mem_every)
             history = {i: [] for i in objects}
+            largest = {i: max((video.mask(t) == i).sum() for t in range(config.num_frames)) for i in objects}
             for t in range(config.num_frames):
                 image, truth, instances = video.render(t, instances=True)
                 image = torch.tensor(image).permute(2, 0, 1)
@@ -72,6 +95,9 @@ def per_frame_j(model, seeds, config, mem_every):
                     if t == 0:
                         continue
                     lost += score < 0.2
+                    obj = truth == i
+                    kind = situation_of(obj, largest[i], _nearby_roles(obj, instances, layout, i))
+                    by_situation[kind].append(score)
                     area += (truth == i).sum()
                     missed += ((truth == i) & (labels != i)).sum()
                     under = instances[(labels == i) & (truth != i)]
@@ -88,7 +114,9 @@ def per_frame_j(model, seeds, config, mem_every):
     pairs = count[1:].sum()
     errors = {"lost": lost / pairs, "missed": missed / max(area, 1), "losses": losses,
               "found again": found / max(losses, 1), "lost at the end": lost_at_end / max(objects_seen, 1),
-              **{k: v / max(area, 1) for k, v in wrong.items()}}
+              **{k: v / max(area, 1) for k, v in wrong.items()},
+              "situations": {k: (len(v) / max(pairs, 1), float(np.mean(v)) if v else float("nan"))
+                             for k, v in by_situation.items()}}
     return j / count, copy / count, errors
 
 
@@ -141,6 +169,9 @@ def main(argv=None):
             print(f"  losses of {label}: {errors['losses']} times an object fell below J 0.2, found again (J >= 0.5 "
                   f"later) {errors['found again']:.3f} of them; lost on the last frame {errors['lost at the end']:.3f} "
                   f"of objects")
+            print(f"  J by situation of {label} (share of object x frame pairs, J, J lost = share x (1 - J)): " +
+                  ", ".join(f"{k} {share:.3f} J {j:.3f} lost {share * (1 - j):.3f}"
+                            for k, (share, j) in errors["situations"].items() if share))
     print(f"copy frame 0's mask: mean J {copy[1:].mean():.3f}   per frame: {' '.join(f'{x:.2f}' for x in copy[1:])}")
     if args.plot:
         import matplotlib

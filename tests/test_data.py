@@ -11,7 +11,7 @@ from PIL import Image
 
 from hmmn_ops.data import (
     DAVIS, ImageClips, SyntheticConfig, SyntheticImages, SyntheticVideo, SyntheticVideos, VideoClips, YouTubeVOS,
-    davis_palette, hide_and_seek, load_mask, overlay, save_mask, synthetic_video, warp, write_davis,
+    davis_palette, hide_and_seek, occlusion_frame_ids, load_mask, overlay, save_mask, synthetic_video, warp, write_davis,
 )
 from hmmn_ops.data.augment import affine
 
@@ -302,6 +302,64 @@ def test_video_clips_on_synthetic_videos():
     assert not torch.equal(ds[2]["frames"], again["frames"])  # a new epoch, new clips
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
     assert batch["frames"].shape == (2, 3, 3, 32, 32) and batch["num_objects"].shape == (2,)
+
+
+def _hidden_then_back():
+    """10 frames of 8x8: object 1 in full on 0-2, a quarter of it on 3-6, in full again on 7-9;
+    object 2 always in full."""
+    masks = np.zeros((10, 8, 8), np.int64)
+    masks[:, :4, :4] = 1
+    masks[3:7, :4, :4] = 0
+    masks[3:7, :2, :2] = 1  # 4 of 16 pixels left: hidden
+    masks[:, 5:, 5:] = 2
+    return masks
+
+
+def test_occlusion_frame_ids_span_a_whole_occlusion():
+    masks = _hidden_then_back()
+    for seed in range(20):
+        for t in (3, 5, 8):
+            positions, label = occlusion_frame_ids(masks, t, np.random.default_rng(seed), max_gap=2)
+            assert label == 1 and len(positions) == t and positions == sorted(set(positions))
+            first, *rest = positions
+            assert first in (1, 2)  # in full, at most max_gap before the spell
+            assert 7 in rest  # the first frame it is back
+            hidden = [p for p in rest if 3 <= p <= 6]
+            assert 1 <= len(hidden) <= t - 2 and len(hidden) == t - 2 - sum(p > 7 for p in rest)
+            assert not hidden or max(hidden) < 7
+    never_hidden = masks.copy()
+    never_hidden[never_hidden == 1] = 0
+    never_hidden[:, :4, :4] = 1
+    assert occlusion_frame_ids(never_hidden, 5, np.random.default_rng(0)) is None
+    gone_for_good = masks[:7]  # hidden to the end: nothing to find again
+    assert occlusion_frame_ids(gone_for_good, 5, np.random.default_rng(0)) is None
+
+
+def test_video_clips_around_occlusions():
+    videos = SyntheticVideos(range(12), SMALL.replace(num_frames=20, objects=(1, 3), occluders=(1, 1)))
+    plain = VideoClips(videos, size=48, num_frames=5, max_skip=1, samples_per_epoch=12, seed=3)
+    occl = VideoClips(videos, size=48, num_frames=5, max_skip=1, samples_per_epoch=12, seed=3, occlusions=1.0)
+    around = 0
+    for i in range(12):
+        clip = occl[i]
+        check_clip(clip, 48)
+        ids = clip["frame_ids"].tolist()
+        assert ids == sorted(set(ids))
+        masks = np.stack([videos[i].mask(p) for p in range(20)])
+        picked = occlusion_frame_ids(masks, 5, np.random.default_rng(0), max_gap=2)
+        if picked is None:  # no occlusion in this video: an ordinary clip
+            continue
+        around += 1
+        # some object of the clip is hidden on a frame of it and in full on a later one
+        area = lambda p, k: int((masks[p] == k).sum())
+        labels = [k for k in np.unique(masks) if 0 < k < 255]
+        assert any(any(area(a, k) < 0.5 * max(area(p, k) for p in range(20)) <= area(b, k)
+                       for a in ids for b in ids if b > a) for k in labels)
+    assert around >= 3
+    torch.testing.assert_close(plain[0]["frames"], VideoClips(
+        videos, size=48, num_frames=5, max_skip=1, samples_per_epoch=12, seed=3, occlusions=0.0)[0]["frames"])
+    with pytest.raises(ValueError, match="occlusions"):
+        VideoClips(videos, size=48, occlusions=1.5)
 
 
 def test_video_clips_on_davis(davis_root):

@@ -2,6 +2,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from hmmn_ops.commands.segment import DEFAULT_WEIGHTS
@@ -38,9 +39,37 @@ def test_errors_are_shares_that_add_up():
     config = SyntheticConfig(height=48, width=64, num_frames=4)
     j, copy, errors = per_frame_j.per_frame_j(load_model(DEFAULT_WEIGHTS), range(3), config, 5)
     assert j[0] == 1 and copy[0] == 1 and all(0 <= x <= 1 for x in np.r_[j, copy])
-    assert set(errors) == {"lost", "missed", "losses", "found again", "lost at the end", *per_frame_j.ERROR_KINDS}
+    assert set(errors) == {"lost", "missed", "losses", "found again", "lost at the end", "situations",
+                           *per_frame_j.ERROR_KINDS}
     shares = ("lost", "missed", "found again", "lost at the end")
-    assert all(0 <= errors[k] <= 1 for k in shares) and all(v >= 0 for v in errors.values())
+    assert all(0 <= errors[k] <= 1 for k in shares) and all(errors[k] >= 0 for k in ("losses", *per_frame_j.ERROR_KINDS))
+    situations = errors["situations"]
+    assert set(situations) == set(per_frame_j.SITUATIONS)
+    assert sum(share for share, _ in situations.values()) == pytest.approx(1)
+    # every object is scored on every frame, so the pairs' mean J is the mean of the frames' J
+    assert sum(share * j for share, j in situations.values() if share) == pytest.approx(j[1:].mean())
+
+
+def test_situations_of_an_object():
+    layout = [{"role": "target", "twin": 0}, {"role": "distractor", "twin": 1}, {"role": "occluder", "twin": 0}]
+    obj = np.zeros((20, 30), bool)
+    obj[5:10, 5:10] = True
+    instances = np.zeros((20, 30), np.int32)
+    instances[obj] = 1
+    roles = lambda inst: per_frame_j._nearby_roles(obj, inst, layout, 1)
+    assert roles(instances) == set()  # itself does not count
+    far, near = instances.copy(), instances.copy()
+    far[5:10, 9 + per_frame_j.NEAR + 1:] = 2  # the twin, NEAR + 1 pixels right of the object (columns 5-9)
+    near[5:10, 9 + per_frame_j.NEAR:] = 2  # NEAR pixels right
+    assert roles(far) == set() and roles(near) == {"twin"}
+    near[0, 5] = 3  # an occluder 5 pixels above the object's top row: not near
+    assert roles(near) == {"twin"}
+    near[1, 5] = 3  # 4 pixels above
+    assert roles(near) == {"twin", "other"}
+    assert per_frame_j.situation_of(obj, 25, set()) == "clear"
+    assert per_frame_j.situation_of(obj, 51, {"twin"}) == "hidden"  # 25 of 51 pixels: less than half
+    assert per_frame_j.situation_of(obj, 50, {"twin", "other"}) == "twin near"
+    assert per_frame_j.situation_of(obj, 50, {"other"}) == "other near"
 
 
 def test_losses_count_falls_and_recoveries():

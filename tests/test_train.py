@@ -188,6 +188,9 @@ def test_config_file_and_overrides(tmp_path):
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match=r"TrainConfig.lose_objects: expected in \[0, 1\)"):
             TrainConfig(lose_objects=bad)
+    with pytest.raises(ValueError, match=r"TrainConfig.occlusion_clips: expected in \[0, 1\]"):
+        TrainConfig(occlusion_clips=1.5)
+    assert _datasets(tiny(occlusion_clips=0.25))[1].occlusions == 0.25
 
 
 def test_longer_main_training_clips(tmp_path):

@@ -22,7 +22,9 @@ import torch
 from .augment import hide_and_seek, random_affine, random_crop, warp
 from .synthetic import SyntheticConfig, SyntheticVideo
 
-__all__ = ["VideoClips", "ImageClips", "SyntheticImages"]
+__all__ = ["VideoClips", "ImageClips", "SyntheticImages", "occlusion_frame_ids"]
+
+HIDDEN = 0.5  # an object shows less than this share of its largest area in the video: hidden
 
 
 def _size(size):
@@ -58,7 +60,8 @@ class _Clips(torch.utils.data.Dataset):
         return self.samples_per_epoch or len(self.source)
 
     def _sample(self, rng, index):
-        """(list of T (S, S, 3) uint8 frames, list of T (S, S) int64 labels, frame ids, name)."""
+        """(list of T (S, S, 3) uint8 frames, list of T (S, S) int64 labels, frame ids, name,
+        the label of an object the clip must include or None)."""
         raise NotImplementedError
 
     def __getitem__(self, index):
@@ -66,16 +69,20 @@ class _Clips(torch.utils.data.Dataset):
             raise IndexError(f"index: expected 0 <= index < {len(self)}, got {index}")
         rng = np.random.default_rng([self.seed, self.epoch, index])
         for _ in range(self.tries):  # re-draw until the first frame shows an object
-            frames, labels, ids, name = self._sample(rng, index)
-            chosen = self._choose_objects(labels[0], rng)
+            frames, labels, ids, name, focus = self._sample(rng, index)
+            chosen = self._choose_objects(labels[0], rng, focus)
             if chosen:
                 break
         return self._pack(frames, labels, chosen, ids, name)
 
-    def _choose_objects(self, first, rng):
+    def _choose_objects(self, first, rng, focus=None):
+        """Objects visible in the first frame, at random; `focus` first if it is one of them."""
         counts = np.bincount(first.ravel(), minlength=256)
         present = [k for k in range(1, 255) if counts[k] >= self.min_pixels]  # 255 is void
         rng.shuffle(present)
+        if focus in present:
+            present.remove(focus)
+            present.insert(0, focus)
         return present[: self.max_objects]
 
     def _pack(self, frames, labels, chosen, ids, name):
@@ -103,13 +110,21 @@ class VideoClips(_Clips):
     frames apart (`max_skip` = 0: neighbours; the trainer ramps it 0 -> 25). One random zoom,
     crop and flip (`zoom`, `flip`) is shared by the clip's frames. Objects are picked at random
     among those visible in the first frame of the crop. Index i uses video i % len(videos).
+
+    `occlusions` (ours, default 0) is the probability that a clip is instead built around an
+    occlusion (`occlusion_frame_ids`): an object seen in full, then hidden for a while, then
+    back, so that training shows the model an object it must find again after losing it. The
+    clip then includes that object. A video without such an occlusion gives an ordinary clip.
     """
 
     def __init__(self, videos, size=384, num_frames=3, max_skip=0, max_objects=3, samples_per_epoch=None,
-                 seed=0, zoom=(1.0, 1.3), flip=0.5):
+                 seed=0, zoom=(1.0, 1.3), flip=0.5, occlusions=0.0):
         super().__init__(videos, size, num_frames, max_objects, samples_per_epoch, seed)
+        if not 0 <= occlusions <= 1:
+            raise ValueError(f"occlusions: expected a probability in [0, 1], got {occlusions}")
         self.max_skip = max_skip
         self.zoom, self.flip = zoom, flip
+        self.occlusions = occlusions
 
     def _frame_ids(self, rng, annotated):
         n, t = len(annotated), self.num_frames
@@ -125,7 +140,15 @@ class VideoClips(_Clips):
 
     def _sample(self, rng, index):
         video = self.source[index % len(self.source)]
-        ids = self._frame_ids(rng, video.annotated)
+        ids, focus = None, None
+        if self.occlusions > 0 and rng.uniform() < self.occlusions:  # no draw at 0: old runs replay
+            masks = np.stack([video.mask(i) for i in video.annotated])
+            picked = occlusion_frame_ids(masks, self.num_frames, rng, max_gap=int(self.max_skip) + 1)
+            if picked is not None:
+                positions, focus = picked
+                ids = [video.annotated[p] for p in positions]
+        if ids is None:
+            ids = self._frame_ids(rng, video.annotated)
         first = video.frame(ids[0])
         matrix = random_crop(rng, first.shape[:2], self.size, zoom=self.zoom, flip=self.flip)
         frames, labels = [], []
@@ -133,7 +156,62 @@ class VideoClips(_Clips):
             f, m = warp(video.frame(i), video.mask(i), matrix, self.size)
             frames.append(f)
             labels.append(m)
-        return frames, labels, ids, video.name
+        return frames, labels, ids, video.name, focus
+
+
+def occlusion_frame_ids(masks, num_frames, rng, max_gap=2):
+    """Frames of a clip around an occlusion: (sorted positions into `masks`, object label), or
+    None if no object of the video is hidden and then seen again.
+
+    masks: (N, H, W) int labels of the video's annotated frames. An object is *hidden* on a
+    frame where it shows less than `HIDDEN` of its largest area in the video. The clip's first
+    frame shows the object (not hidden) at most `max_gap` frames before a spell of hidden
+    frames; one or more frames of the spell follow, then its first frame with the object back,
+    then (if `num_frames` leaves room) frames after that, 1 to `max_gap` apart.
+    """
+    n = len(masks)
+    if num_frames < 3 or n < 3:
+        return None
+    labels = np.unique(masks)
+    labels = labels[(labels > 0) & (labels < 255)]
+    counts = np.stack([(masks == k).reshape(n, -1).sum(1) for k in labels]) if len(labels) else np.zeros((0, n))
+    spells = []  # (label, first hidden, first back)
+    for k, c in zip(labels, counts):
+        hidden = c < HIDDEN * c.max()
+        t = 1
+        while t < n:
+            if hidden[t] and not hidden[t - 1]:
+                u = t
+                while u < n and hidden[u]:
+                    u += 1
+                if u < n:
+                    spells.append((int(k), t, u))
+                t = u
+            t += 1
+    if not spells:
+        return None
+    k, t, u = spells[rng.integers(len(spells))]
+    c = counts[list(labels).index(k)]
+    before = [p for p in range(max(0, t - max_gap), t) if c[p] >= HIDDEN * c.max()]
+    first = int(rng.choice(before))  # before[-1] == t - 1 always qualifies
+    # frames after the return, as many as fit: the rest go to the hidden spell
+    after = []
+    for _ in range(num_frames - 3):
+        nxt = (after[-1] if after else u) + int(rng.integers(1, max_gap + 1))
+        if nxt >= n:
+            break
+        after.append(nxt)
+    wanted = num_frames - 2 - len(after)  # hidden frames
+    spell = np.arange(t, u)
+    if len(spell) < wanted:  # a short spell: more frames after the return, 1 apart
+        extra = [p for p in range(u + 1, n) if p not in after][: wanted - len(spell)]
+        after = sorted(after + extra)
+        wanted = num_frames - 2 - len(after)
+        if len(spell) < wanted:
+            return None
+    hidden = np.sort(rng.choice(spell, wanted, replace=False)) if wanted else []
+    positions = [first, *map(int, hidden), u, *after]
+    return positions, k
 
 
 class ImageClips(_Clips):
@@ -162,7 +240,7 @@ class ImageClips(_Clips):
             f, m = hide_and_seek(f, m, self.p_hide, rng, self.hide_patch)
             frames.append(f)
             masks.append(m)
-        return frames, masks, [0] * self.num_frames, f"image{index % len(self.source)}"
+        return frames, masks, [0] * self.num_frames, f"image{index % len(self.source)}", None
 
 
 class SyntheticImages:
