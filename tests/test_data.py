@@ -362,8 +362,9 @@ def test_video_clips_around_occlusions():
         VideoClips(videos, size=48, occlusions=1.5)
 
 
-def test_video_clips_on_davis(davis_root):
-    ds = VideoClips(DAVIS(davis_root, "2017/train.txt"), size=24, max_skip=25, max_objects=2)
+@pytest.mark.parametrize("occlusions", [0.0, 1.0])
+def test_video_clips_on_davis(davis_root, occlusions):
+    ds = VideoClips(DAVIS(davis_root, "2017/train.txt"), size=24, max_skip=25, max_objects=2, occlusions=occlusions)
     for i in range(len(ds)):
         clip = ds[i]
         check_clip(clip, 24, max_objects=2)
