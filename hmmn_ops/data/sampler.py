@@ -175,8 +175,8 @@ def occlusion_frame_ids(masks, num_frames, rng, max_gap=2):
     labels = np.unique(masks)
     labels = labels[(labels > 0) & (labels < 255)]
     counts = np.stack([(masks == k).reshape(n, -1).sum(1) for k in labels]) if len(labels) else np.zeros((0, n))
-    spells = []  # (label, first hidden, first back)
-    for k, c in zip(labels, counts):
+    spells = []  # (row of counts, first hidden, first back)
+    for row, c in enumerate(counts):
         hidden = c < HIDDEN * c.max()
         t = 1
         while t < n:
@@ -185,13 +185,13 @@ def occlusion_frame_ids(masks, num_frames, rng, max_gap=2):
                 while u < n and hidden[u]:
                     u += 1
                 if u < n:
-                    spells.append((int(k), t, u))
+                    spells.append((row, t, u))
                 t = u
             t += 1
     if not spells:
         return None
-    k, t, u = spells[rng.integers(len(spells))]
-    c = counts[list(labels).index(k)]
+    row, t, u = spells[rng.integers(len(spells))]
+    c = counts[row]
     before = [p for p in range(max(0, t - max_gap), t) if c[p] >= HIDDEN * c.max()]
     first = int(rng.choice(before))  # before[-1] == t - 1 always qualifies
     # frames after the return, as many as fit: the rest go to the hidden spell
@@ -209,9 +209,9 @@ def occlusion_frame_ids(masks, num_frames, rng, max_gap=2):
         wanted = num_frames - 2 - len(after)
         if len(spell) < wanted:
             return None
-    hidden = np.sort(rng.choice(spell, wanted, replace=False)) if wanted else []
+    hidden = np.sort(rng.choice(spell, wanted, replace=False))  # wanted >= 1: after holds <= num_frames - 3
     positions = [first, *map(int, hidden), u, *after]
-    return positions, k
+    return positions, int(labels[row])
 
 
 class ImageClips(_Clips):
