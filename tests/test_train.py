@@ -193,6 +193,20 @@ def test_config_file_and_overrides(tmp_path):
     assert _datasets(tiny(occlusion_clips=0.25))[1].occlusions == 0.25
 
 
+CONFIGS = sorted(os.path.join(os.path.dirname(__file__), "..", "configs", f)
+                 for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs")) if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_in_configs_loads_and_holds_out_the_demo(path):
+    # a typo in a config only the GPU runs (configs/gpu.yaml) would otherwise cost a device call
+    from hmmn_ops.commands.demo import DEMO_SEED0
+
+    cfg = load_config(path)
+    HMMN(cfg.model_config())
+    assert max(cfg.video_seeds[1], cfg.image_seeds[1]) <= DEMO_SEED0  # validation seeds (20000000+) lie above too
+
+
 def test_longer_main_training_clips(tmp_path):
     cfg = tiny(clip_frames=5, pretrain_steps=0, main_steps=2)
     pre, main = _datasets(cfg)
