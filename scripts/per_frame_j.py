@@ -22,6 +22,7 @@ from scipy.ndimage import distance_transform_edt
 from tqdm import tqdm
 
 from hmmn_ops.data import SyntheticConfig
+from hmmn_ops.data.sampler import HIDDEN
 from hmmn_ops.data.synthetic import SyntheticVideo
 from hmmn_ops.inference import InferenceCore
 from hmmn_ops.metrics import jaccard
@@ -30,9 +31,10 @@ from hmmn_ops.train import apply_overrides
 
 
 ERROR_KINDS = ("twin", "other target", "occluder", "other look-alike", "background")
-# what an (object, frame) pair is up against, first match wins: less than half of the object's
-# largest area in view (occluded, or partly or wholly out of the frame); its look-alike twin
-# within NEAR pixels; any other object (occluder, target, look-alike) within NEAR pixels; nothing
+# what an (object, frame) pair is up against, first match wins: less than HIDDEN (half) of the
+# object's largest area in view, as the occlusion clips count it (occluded, or partly or wholly out
+# of the frame); its look-alike twin within NEAR pixels; any other object (occluder, target,
+# look-alike) within NEAR pixels; nothing
 SITUATIONS = ("hidden", "twin near", "other near", "clear")
 NEAR = 4
 
@@ -40,7 +42,7 @@ NEAR = 4
 def situation_of(obj, largest, nearby_roles):
     """One of SITUATIONS for an object's true mask `obj` (H, W) bool on a frame, its largest
     area in the video, and the roles of the objects within NEAR pixels ("twin", "other")."""
-    if obj.sum() < 0.5 * largest:
+    if obj.sum() < HIDDEN * largest:
         return "hidden"
     return "twin near" if "twin" in nearby_roles else "other near" if nearby_roles else "clear"
 

@@ -1,5 +1,6 @@
 """Training: a few steps end to end, exact resume, DDP over 2 gloo processes, the config and its ramps."""
 import csv
+import glob
 import math
 import os
 import socket
@@ -193,8 +194,7 @@ def test_config_file_and_overrides(tmp_path):
     assert _datasets(tiny(occlusion_clips=0.25))[1].occlusions == 0.25
 
 
-CONFIGS = sorted(os.path.join(os.path.dirname(__file__), "..", "configs", f)
-                 for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs")) if f.endswith(".yaml"))
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
