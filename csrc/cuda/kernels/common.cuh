@@ -10,6 +10,23 @@
 
 #include <cstdint>
 
+// Launch and shared-memory spellings. Device code writes these instead of `<<<...>>>`,
+// `__shared__` and `extern __shared__`, so the same .cuh source compiles with nvcc (where they
+// expand to exactly that CUDA syntax) and with the host compiler for the CUDA emulator
+// (backend "cuda_emulated", csrc/emulator/), where they expand to the emulator's launch and
+// per-block shared memory.
+//   HMMN_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)   kernel: a name or a local
+//                                                                     pointer (no commas)
+//   HMMN_SHARED(Type, name, dims)   e.g. HMMN_SHARED(float, m, [64]); HMMN_SHARED(Smem, sm, )
+//   HMMN_DYNAMIC_SMEM(name)         unsigned char* view of the launch's dynamic shared memory
+#if defined(__CUDACC__)
+#define HMMN_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#define HMMN_SHARED(Type, name, dims) __shared__ Type name dims
+#define HMMN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#else
+#include "emulator/emulator.h"  // defines the three macros for the host compiler
+#endif
+
 namespace hmmn {
 
 // Accumulation type: float64 for float64 inputs, float32 otherwise (docs/internals.md).
