@@ -374,11 +374,12 @@ def initialise_from(trainee, path):
     the fields that change the weights' shapes must agree; matching switches may differ, and a
     ``prev_mask`` model may start from one without the prior, or with it at fewer levels (the
     missing convolutions start at zero)."""
+    from .data._io import read_checkpoint
     from .models import load_model
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TrainConfig.init: weights not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     source = load_model(checkpoint)
     state = source.state_dict()
     # Prior convolutions the source lacks start at zero: the model starts as the one it comes from.
@@ -516,6 +517,17 @@ def _write_config(path, cfg):
     from .data._io import write_text
 
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _read_run_checkpoint(path, device):
+    from .data._io import FileFormatError, read_checkpoint
+
+    state = read_checkpoint(path, map_location=device)
+    missing = [k for k in ("state_dict", "optimizer", "scaler", "step") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise FileFormatError(f"{path}: not a checkpoint of hmmn-vos train (it lacks {missing}); move it away or use "
+                              "another --out")
+    return state
 
 
 def _resumed_config(paths, cfg):
@@ -682,7 +694,7 @@ def train(cfg, out, resume=False, progress=True, stop_at=None):
         autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
         step, rows, elapsed0 = 0, [], 0.0
         if exists:
-            state = torch.load(paths["checkpoint"], map_location=dist.device, weights_only=True)
+            state = _read_run_checkpoint(paths["checkpoint"], dist.device)
             model.load_state_dict(state["state_dict"])
             trainee.load_probe_state(state)
             optimizer.load_state_dict(state["optimizer"])

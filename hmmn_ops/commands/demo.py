@@ -18,6 +18,9 @@ import os
 import sys
 import time
 
+from ._common import check_output_folder, device, device_arg
+
+REQUIRES = ("PIL", "tqdm", "scipy")
 DEMO_SEED0 = 10_000_000  # training configs draw their seeds far below this (see docs/training.md)
 STRIP_COLUMNS = 6
 STRIP_ROWS = 6
@@ -33,7 +36,7 @@ def add_arguments(p):
     p.add_argument("--distractors", type=int, nargs=2, default=(1, 2), metavar=("MIN", "MAX"),
                    help="look-alike distractors per video (default: 1 2)")
     p.add_argument("--seed", type=int, default=DEMO_SEED0, help="first video seed (default: %(default)s, held out)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--kernel", choices=("none", "kmn", "hmmn"), help="override the model's res4 kernel (ablation)")
     p.add_argument("--no-topk", action="store_true", help="dense res3/res2 reads instead of top-k guided ones (ablation)")
     p.add_argument("--memory-masks", choices=("soft", "hard"),
@@ -45,20 +48,16 @@ def add_arguments(p):
 
 
 def run(args):
-    try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads: expected >= 1, got {args.threads}")
-            import torch
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected >= 1, got {args.threads}")
+        import torch
 
-            torch.set_num_threads(args.threads)
-        for name in ("sequences", "frames", "height", "width", "mem_every"):
-            if getattr(args, name) < (3 if name == "frames" else 1):
-                raise ValueError(f"--{name.replace('_', '-')}: expected >= {3 if name == 'frames' else 1}, got {getattr(args, name)}")
-        return _demo(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"hmmn-vos demo: error: {e}", file=sys.stderr)
-        return 2
+        torch.set_num_threads(args.threads)
+    for name in ("sequences", "frames", "height", "width", "mem_every"):
+        if getattr(args, name) < (3 if name == "frames" else 1):
+            raise ValueError(f"--{name.replace('_', '-')}: expected >= {3 if name == 'frames' else 1}, got {getattr(args, name)}")
+    return _demo(args)
 
 
 def _demo(args):
@@ -76,6 +75,8 @@ def _demo(args):
                                 " (the packaged weights are not installed; pass --weights PATH)"))
     seeds = list(range(args.seed, args.seed + args.sequences))
     _check_held_out(weights, seeds)
+    check_output_folder(args.out, "--out")
+    model, run_on = _model(weights, args)
     data = os.path.join(args.out, "data")
     results = os.path.join(args.out, "results")
     resolution = f"{args.height}p"
@@ -85,16 +86,15 @@ def _demo(args):
     print(f"data: {args.sequences} synthetic videos of {args.frames} frames, {args.width}x{args.height}, "
           f"seeds {seeds[0]}..{seeds[-1]} (held out): {data}")
 
-    model, device = _model(weights, args)
-    backend = auto_choice("kernel_guided_read", device)
+    backend = auto_choice("kernel_guided_read", run_on)
     cfg = model.config
     print(f"model: {weights} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, kernel "
           f"{cfg.kernel}, {'top-k' if cfg.topk_read else 'dense'} res3/res2 reads, {cfg.memory_masks} memory masks"
           f"{f', frames resized x{cfg.input_scale:g} inside' if cfg.input_scale != 1 else ''}) "
-          f"on {device}, backend auto -> {backend}")
+          f"on {run_on}, backend auto -> {backend}")
 
     davis = DAVIS(data, "2017/demo.txt", resolution)
-    ms, strips = _segment_all(davis, model, device, results, args)
+    ms, strips = _segment_all(davis, model, run_on, results, args)
     evaluation = evaluate_davis(results, data, "2017/demo.txt", resolution, workers=min(2, os.cpu_count() or 1))
     write_results_csv(results, evaluation)
     _save_strip(os.path.join(args.out, "overlay.png"), strips)
@@ -126,8 +126,8 @@ def _check_held_out(weights, seeds):
 
 
 def _model(weights, args):
+    from ..data._io import read_checkpoint
     from ..models import load_model
-    from .segment import _device
 
     fields = {}
     if args.kernel:
@@ -136,8 +136,8 @@ def _model(weights, args):
         fields["topk_read"] = False
     if args.memory_masks:
         fields["memory_masks"] = args.memory_masks
-    device = _device(args.device)
-    return load_model(weights, map_location="cpu", **fields).to(device).eval(), device
+    run_on = device(args.device)
+    return load_model(read_checkpoint(weights), **fields).to(run_on).eval(), run_on
 
 
 def _segment_all(davis, model, device, results, args):

@@ -8,7 +8,7 @@ and writes global_results-<set>.csv and per-sequence_results-<set>.csv into RESU
 example:
   hmmn-vos eval --results out/val --davis data/DAVIS --imset 2017/val.txt
 """
-import sys
+REQUIRES = ("PIL", "tqdm", "scipy")
 
 
 def add_arguments(parser):
@@ -24,14 +24,9 @@ def run(args):
     from hmmn_ops.metrics import evaluate_davis, format_results, write_results_csv
 
     if args.workers is not None and args.workers < 1:
-        print(f"hmmn-vos eval: --workers: expected >= 1, got {args.workers}", file=sys.stderr)
-        return 2
-    try:
-        evaluation = evaluate_davis(args.results, args.davis, args.imset, args.resolution, workers=args.workers,
-                                    progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"hmmn-vos eval: {e}", file=sys.stderr)
-        return 1
+        raise ValueError(f"--workers: expected >= 1, got {args.workers}")
+    evaluation = evaluate_davis(args.results, args.davis, args.imset, args.resolution, workers=args.workers,
+                                progress=not args.no_progress)
     print(format_results(evaluation))
     for path in write_results_csv(args.results, evaluation):
         print(f"wrote {path}")

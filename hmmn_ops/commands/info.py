@@ -1,9 +1,11 @@
 """Versions, build configuration and which backend runs each op here."""
 import platform
 
+from ._common import device_arg
+
 
 def add_arguments(parser):
-    parser.add_argument("--device", default=None, help="device to report backends for (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, type=device_arg, help="device to report backends for (default: cuda if available, else cpu)")
 
 
 def run(args):

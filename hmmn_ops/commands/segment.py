@@ -5,7 +5,11 @@ A DAVIS set:    hmmn-vos segment --davis ROOT --imset 2017/val.txt --out OUT
 
 Writes palette PNGs with the input mask's palette in the DAVIS layout, OUT/<sequence>/<frame
 name>.png (for --frames, <sequence> is the frames folder's name), each under a temporary name
-then renamed. --mask may be repeated: a mask is the annotation of the frame with the same file
+then renamed, so a file in OUT is always complete. An interrupted run continues when the same
+command is run again: frames already written are not written again, and a sequence whose
+frames are all there is skipped (the frames before the first missing one are still read and
+segmented, since the model's memory needs them). Each file records what it was computed from
+(weights, inputs, options); a file computed otherwise is replaced. --mask may be repeated: a mask is the annotation of the frame with the same file
 name (00012.png -> 00012.jpg), which is how objects that appear later are added; a single mask
 whose name matches no frame is the first frame's. With --davis only the first frame's
 annotation is used (the semi-supervised protocol). Under torchrun the sequences are split
@@ -16,11 +20,15 @@ hmmn_ops.models.save_checkpoint (hmmn-vos train). Without --weights the packaged
 hmmn_ops/weights/hmmn.pt is used; if it is not installed the command stops with an error
 unless --random-init is given (random weights: for smoke tests only, the masks are noise).
 """
+import hashlib
 import os
 import sys
 
+from ._common import check_output_folder, device, device_arg
+
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "hmmn.pt")
 VOID = 255  # DAVIS-style "ignore" label: background here, not an object
+REQUIRES = ("PIL", "tqdm")
 
 
 def add_arguments(p):
@@ -37,7 +45,7 @@ def add_arguments(p):
     p.add_argument("--overlay", metavar="DIR", help="also write overlay pictures: DIR/<sequence>/<frame>.jpg")
     p.add_argument("--weights", metavar="PATH", help=f"checkpoint (default: the packaged {DEFAULT_WEIGHTS})")
     p.add_argument("--random-init", action="store_true", help="run with random weights when none are found (smoke tests)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--kernel", choices=("none", "kmn", "hmmn"), help="override the model's res4 kernel")
     p.add_argument("--memory-masks", choices=("soft", "hard"),
@@ -49,14 +57,13 @@ def add_arguments(p):
 
 
 def run(args):
-    try:
-        sequences = _shard(_sequences(args))
-        model, device = _model(args)
-        for seq, masks, palette in sequences:
-            _segment(seq, masks, palette, model, device, args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"hmmn-vos segment: error: {e}", file=sys.stderr)
-        return 2
+    sequences = _shard(_sequences(args))
+    check_output_folder(args.out, "--out")
+    if args.overlay:
+        check_output_folder(args.overlay, "--overlay")
+    model, weights = _model(args)
+    for seq, masks, palette in sequences:
+        _segment(seq, masks, palette, model, _fingerprint(seq, masks, palette, weights, args), args)
     return 0
 
 
@@ -98,16 +105,13 @@ def _sequences(args):
 
 
 def _check(seq):
-    from PIL import Image
-
-    from ..data.palette import load_mask
+    from ..data.palette import image_size, load_mask
 
     H, W = seq.size
     for path in seq.frame_paths:
-        with Image.open(path) as img:
-            if (img.height, img.width) != (H, W):
-                raise ValueError(f"{path}: frame size {img.width}x{img.height} differs from the first frame's {W}x{H} "
-                                 f"({seq.frame_paths[0]})")
+        h, w = image_size(path)
+        if (h, w) != (H, W):
+            raise ValueError(f"{path}: frame size {w}x{h} differs from the first frame's {W}x{H} ({seq.frame_paths[0]})")
     masks, palette = {}, None
     for i, path in seq.mask_paths.items():
         labels, pal = load_mask(path)  # refuses RGB masks with an explanation
@@ -134,64 +138,109 @@ def _shard(sequences):
 # ---------------------------------------------------------------- model and the loop
 
 
-def _device(name):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available in this torch build or machine")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
-
-
 def _model(args):
+    """(the model on its device, what identifies its weights: their file's digest)."""
+    import uuid
+
+    from ..data._io import read_checkpoint
     from ..models import HMMN, load_model
 
-    device = _device(args.device)
+    run_on = device(args.device)
     fields = {name: getattr(args, name) for name in ("kernel", "memory_masks") if getattr(args, name)}
     path = args.weights or DEFAULT_WEIGHTS
     if os.path.isfile(path):
-        model = load_model(path, map_location="cpu", **fields)
+        model, weights = load_model(read_checkpoint(path), **fields), _digest(path)
     elif args.weights:
         raise FileNotFoundError(f"--weights {args.weights}: file not found")
     elif args.random_init:
         message = (f"no weights ({DEFAULT_WEIGHTS} is not installed): running with RANDOM weights as "
                    "--random-init asks; the masks will be meaningless")
         print(f"hmmn-vos segment: WARNING: {message}", file=sys.stderr)
-        model = HMMN(**fields)
+        model, weights = HMMN(**fields), f"random {uuid.uuid4()}"  # never the same twice: nothing is resumed
     else:
         raise FileNotFoundError(f"no weights: {DEFAULT_WEIGHTS} is not installed. Pass --weights PATH (the released "
                                 "HMMN_weights.pth or a checkpoint of hmmn-vos train), or --random-init for a smoke test")
-    return model.to(device).eval(), device
+    return model.to(run_on).eval(), weights
 
 
-def _segment(seq, masks, palette, model, device, args):
+# ---------------------------------------------------------------- what a result was computed from
+
+
+def _digest(path):
+    """SHA-256 of a file's content, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(seq, masks, palette, weights, args):
+    """What the results of `seq` depend on, hashed: the weights, the frames, the annotations and
+    the options that change the output. Every file written records it; a rerun does not write
+    again a file that records the same."""
+    options = [args.kernel, args.memory_masks, args.mem_every, args.fine_mem_every, args.official_compat, args.amp]
+    h = hashlib.sha256(repr([weights, options]).encode())
+    for path in seq.frame_paths:
+        h.update(f"{os.path.basename(path)} {_digest(path)}".encode())
+    for i, labels in masks.items():
+        h.update(f"{i} {labels.shape}".encode())
+        h.update(labels.tobytes())
+    if palette is not None:
+        h.update(palette.tobytes())
+    return f"hmmn-vos segment {h.hexdigest()[:32]}"
+
+
+def _records(path, fingerprint):
+    """Whether the file at `path` exists and records `fingerprint` (its PNG or JPEG comment)."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        return False
+    try:
+        with Image.open(path) as img:  # the header only
+            comment = img.info.get("comment")
+    except (OSError, SyntaxError, ValueError):  # not readable: written again
+        return False
+    return (comment.decode("latin-1") if isinstance(comment, bytes) else comment) == fingerprint
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _segment(seq, masks, palette, model, fingerprint, args):
     import torch
+    from PIL import Image
     from tqdm import tqdm
 
+    from ..data import palette as pictures
     from ..data._io import atomic_path
-    from ..data.palette import overlay, save_mask
     from ..data.video import stem
     from ..inference import InferenceCore
 
+    names = [stem(os.path.basename(path)) for path in seq.frame_paths]
+    outputs = [(os.path.join(args.out, seq.name, name + ".png"),
+                os.path.join(args.overlay, seq.name, name + ".jpg") if args.overlay else None) for name in names]
+    todo = {path for paths in outputs for path in paths if path is not None and not _records(path, fingerprint)}
+    last = max((i for i, paths in enumerate(outputs) if todo.intersection(paths)), default=None)
+    if last is None:
+        if not args.quiet:
+            print(f"{seq.name}: every frame already written, skipped", file=sys.stderr)
+        return
     core = InferenceCore(model, mem_every=args.mem_every, fine_mem_every=args.fine_mem_every,
                          official_compat=args.official_compat, amp=args.amp)
-    out_dir = os.path.join(args.out, seq.name)
     rank = os.environ.get("RANK")
     desc = seq.name if rank is None else f"[{rank}] {seq.name}"
-    for i in tqdm(range(len(seq)), desc=desc, unit="frame", disable=args.quiet, file=sys.stderr):
+    # the frames up to the last missing one: the model's memory of the earlier ones is needed
+    for i in tqdm(range(last + 1), desc=desc, unit="frame", disable=args.quiet, file=sys.stderr):
         frame = seq.frame(i)
         mask = masks.get(i)
         probs = core.step(torch.tensor(frame).permute(2, 0, 1), None if mask is None else torch.from_numpy(mask))
         labels = core.to_labels(probs).cpu().numpy()
-        name = stem(os.path.basename(seq.frame_paths[i]))
-        save_mask(os.path.join(out_dir, name + ".png"), labels, palette)
-        if args.overlay:
-            from PIL import Image
-
-            with atomic_path(os.path.join(args.overlay, seq.name, name + ".jpg")) as tmp:
-                Image.fromarray(overlay(frame, labels, palette)).save(tmp, format="JPEG", quality=90)
+        mask_path, overlay_path = outputs[i]
+        if mask_path in todo:
+            pictures.save_mask(mask_path, labels, palette, comment=fingerprint)
+        if overlay_path in todo:
+            with atomic_path(overlay_path) as tmp:
+                Image.fromarray(pictures.overlay(frame, labels, palette)).save(tmp, format="JPEG", quality=90,
+                                                                               comment=fingerprint)

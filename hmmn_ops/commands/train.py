@@ -12,7 +12,10 @@ steps, atomically), log.csv, loss.png and, at the end, weights.pt (for hmmn-vos 
 without it an existing checkpoint is an error. See docs/training.md for every field.
 """
 import os
-import sys
+
+from ._common import check_output_folder
+
+REQUIRES = ("PIL", "tqdm", "yaml", "matplotlib")
 
 
 def add_arguments(p):
@@ -27,20 +30,27 @@ def add_arguments(p):
 
 
 def run(args):
+    import yaml
+
     from hmmn_ops.train import export_weights, load_config, train
 
+    check_output_folder(args.out, "--out")
+    for item in args.set:
+        try:
+            yaml.safe_load(item.partition("=")[2])
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item}: the value is not valid YAML: {e}") from None
     try:
         overrides = list(args.set) + ([f"threads={args.threads}"] if args.threads is not None else [])
         cfg = load_config(args.config, overrides)
         summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
-        if int(os.environ.get("RANK", 0)) != 0:
-            return 0  # process 0 reports and exports
-        if args.export:
-            export_weights(args.out, args.export)
-            print(f"exported {args.export}")
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"hmmn-vos train: error: {e}", file=sys.stderr)
-        return 2
+    except yaml.YAMLError as e:  # --config, or the config.yaml of the run resumed
+        raise ValueError(f"invalid YAML: {e}") from None
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0  # process 0 reports and exports
+    if args.export:
+        export_weights(args.out, args.export)
+        print(f"exported {args.export}")
     if summary["steps_run"] == 0:
         print(f"{args.out}: already trained to step {summary['step']}, nothing to do")
     else:

@@ -1,12 +1,48 @@
-"""Atomic file writes: write under a temporary name in the same folder, then `os.replace`.
+"""File I/O that names the file: atomic writes, and reads that refuse a broken file clearly.
 
-A reader (or a crashed run) never sees a half-written frame, mask or CSV: the final name
-appears only once its content is complete. Same folder, so the rename never crosses a
-file system.
+Writes go under a temporary name in the same folder, then `os.replace`: a reader (or a
+crashed run) never sees a half-written frame, mask or CSV, since the final name appears only
+once its content is complete. Same folder, so the rename never crosses a file system.
+
+A file that exists but cannot be read as what it should be (corrupt, truncated, another
+format) raises `FileFormatError`, whose message starts with the file's path.
 """
 import contextlib
 import os
 import uuid
+
+
+class FileFormatError(ValueError):
+    """A file that cannot be read as what it should be; the message starts with its path."""
+
+
+@contextlib.contextmanager
+def reading(path, what):
+    """Run the block that parses `path` (a `what`: "PNG mask", "PyTorch checkpoint", ...): a
+    failure to parse it raises FileFormatError naming the file. A file that is missing or
+    unreadable keeps the operating system's own error (FileNotFoundError, PermissionError)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None:
+            raise
+        raise FileFormatError(_unreadable(path, what, e)) from None
+    except Exception as e:  # decoders and unpicklers raise anything on bad bytes (IndexError, SyntaxError, ...)
+        raise FileFormatError(_unreadable(path, what, e)) from None
+
+
+def _unreadable(path, what, error):
+    reason = (str(error).strip().splitlines() or [""])[0]
+    reason = f"{type(error).__name__}: {reason[:150]}{'...' if len(reason) > 150 else ''}"
+    return f"{os.fspath(path)}: not a readable {what} (corrupt, truncated or another kind of file; {reason})"
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """`torch.load(path, weights_only=True)`; a file torch cannot read raises FileFormatError."""
+    import torch
+
+    with reading(path, "PyTorch checkpoint"):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 @contextlib.contextmanager

@@ -10,9 +10,9 @@ import os
 import numpy as np
 from PIL import Image
 
-from ._io import atomic_path
+from ._io import atomic_path, reading
 
-__all__ = ["davis_palette", "load_mask", "save_mask", "overlay", "load_image"]
+__all__ = ["davis_palette", "load_mask", "save_mask", "overlay", "load_image", "image_size"]
 
 
 def davis_palette():
@@ -36,18 +36,19 @@ def load_mask(path):
     """Read a label mask. Returns (labels int64 (H, W), palette uint8 (256, 3) or None).
 
     Palette ('P') PNGs give their indices and palette; single-channel images ('L', 'I', '1')
-    give their values as labels and no palette. RGB/RGBA images raise ValueError.
+    give their values as labels and no palette. RGB/RGBA images raise ValueError, a corrupt
+    or truncated file FileFormatError (a ValueError) naming it.
     """
-    with Image.open(path) as img:
+    with reading(path, "mask image"), Image.open(path) as img:
         mode = img.mode
-        if mode == "P":
-            labels = np.asarray(img, dtype=np.int64)
-            flat = img.getpalette() or []
-            palette = np.zeros(256 * 3, np.uint8)
-            palette[: min(len(flat), 768)] = flat[:768]
-            return labels, palette.reshape(256, 3)
-        if mode in ("L", "I", "I;16", "1"):
-            return np.asarray(img).astype(np.int64), None
+        pixels = np.asarray(img) if mode in ("P", "L", "I", "I;16", "1") else None
+        flat = img.getpalette() if mode == "P" else None
+    if mode == "P":
+        palette = np.zeros(256 * 3, np.uint8)
+        palette[: min(len(flat or []), 768)] = (flat or [])[:768]
+        return pixels.astype(np.int64), palette.reshape(256, 3)
+    if pixels is not None:
+        return pixels.astype(np.int64), None
     raise ValueError(
         f"{os.fspath(path)}: mask is an image of mode {mode!r}; expected a palette ('P') PNG whose pixel values "
         "are object indices (0 = background, 1..K objects), as DAVIS and YouTube-VOS store them. "
@@ -69,10 +70,11 @@ def _check_palette(palette):
     return full
 
 
-def save_mask(path, labels, palette=None):
+def save_mask(path, labels, palette=None, comment=None):
     """Write `labels` ((H, W) integers in [0, 255]) as a palette PNG, atomically.
 
-    `palette` is (N <= 256, 3) values in [0, 255]; default: `davis_palette()`.
+    `palette` is (N <= 256, 3) values in [0, 255]; default: `davis_palette()`. `comment`: a
+    text stored in the PNG (a "comment" text chunk, read back as ``Image.open(path).info``).
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
@@ -84,14 +86,27 @@ def save_mask(path, labels, palette=None):
     palette = davis_palette() if palette is None else _check_palette(palette)
     img = Image.fromarray(labels.astype(np.uint8))  # 'L'; putpalette turns it into 'P'
     img.putpalette(palette.reshape(-1).tolist())
+    info = None
+    if comment is not None:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("comment", comment)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", pnginfo=info)
 
 
 def load_image(path):
-    """Read a frame as an (H, W, 3) uint8 RGB array (greyscale and RGBA are converted)."""
-    with Image.open(path) as img:
+    """Read a frame as an (H, W, 3) uint8 RGB array (greyscale and RGBA are converted); a
+    corrupt or truncated file raises FileFormatError (a ValueError) naming it."""
+    with reading(path, "image"), Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
+
+
+def image_size(path):
+    """(H, W) of an image, from its header only (so a truncated file is found when decoded)."""
+    with reading(path, "image"), Image.open(path) as img:
+        return img.height, img.width
 
 
 def _boundary(labels):

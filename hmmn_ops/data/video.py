@@ -8,9 +8,8 @@ first annotated frame where it appears}. Nothing is decoded before it is asked f
 import os
 
 import numpy as np
-from PIL import Image
 
-from .palette import load_image, load_mask
+from .palette import image_size, load_image, load_mask
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -89,8 +88,7 @@ class Sequence:
     def size(self):
         """(H, W) of the first frame (read from the file header only)."""
         if self._size is None:
-            with Image.open(self.frame_paths[0]) as img:
-                self._size = (img.height, img.width)
+            self._size = image_size(self.frame_paths[0])
         return self._size
 
     def _check_size(self, array, path):
