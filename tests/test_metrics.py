@@ -204,12 +204,9 @@ def tiny_davis(tmp_path_factory):
 
 
 def run_eval(*argv):
-    from hmmn_ops.commands import eval as eval_command
-    import argparse
+    from hmmn_ops.cli import main
 
-    parser = argparse.ArgumentParser()
-    eval_command.add_arguments(parser)
-    return eval_command.run(parser.parse_args(list(argv)))
+    return main(["eval", *argv])
 
 
 def read_csv(path):
@@ -258,9 +255,9 @@ def test_eval_command_missing_frames_and_rgb(tiny_davis, tmp_path, capsys):
     results = tmp_path / "results"
     shutil.copytree(tiny_davis / "Annotations" / "480p", results)
     os.remove(results / "synth00004" / "00002.png")
-    assert run_eval("--results", str(results), "--davis", str(tiny_davis), "--no-progress") == 1
+    assert run_eval("--results", str(results), "--davis", str(tiny_davis), "--no-progress") == 2
     err = capsys.readouterr().err
     assert "lacks 1 mask" in err and os.path.join("synth00004", "00002.png") in err
     Image.new("RGB", (64, 48)).save(results / "synth00004" / "00002.png")
-    assert run_eval("--results", str(results), "--davis", str(tiny_davis), "--workers", "1", "--no-progress") == 1
+    assert run_eval("--results", str(results), "--davis", str(tiny_davis), "--workers", "1", "--no-progress") == 2
     assert "palette ('P') PNG" in capsys.readouterr().err
