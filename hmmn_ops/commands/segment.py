@@ -5,20 +5,23 @@ A DAVIS set:    hmmn-vos segment --davis ROOT --imset 2017/val.txt --out OUT
 
 Writes palette PNGs with the input mask's palette in the DAVIS layout, OUT/<sequence>/<frame
 name>.png (for --frames, <sequence> is the frames folder's name), each under a temporary name
-then renamed, so a file in OUT is always complete. An interrupted run continues when the same
-command is run again: frames already written are not written again, and a sequence whose
-frames are all there is skipped (the frames before the first missing one are still read and
-segmented, since the model's memory needs them). Each file records what it was computed from
-(weights, inputs, options); a file computed otherwise is replaced. --mask may be repeated: a mask is the annotation of the frame with the same file
-name (00012.png -> 00012.jpg), which is how objects that appear later are added; a single mask
-whose name matches no frame is the first frame's. With --davis only the first frame's
-annotation is used (the semi-supervised protocol). Under torchrun the sequences are split
-across the ranks (RANK / WORLD_SIZE), each rank on its own GPU (LOCAL_RANK).
+then renamed, so a file in OUT is always complete. --mask may be repeated: a mask is the
+annotation of the frame with the same file name (00012.png -> 00012.jpg), which is how objects
+that appear later are added; a single mask whose name matches no frame is the first frame's.
+With --davis only the first frame's annotation is used (the semi-supervised protocol). Under
+torchrun the sequences are split across the ranks (RANK / WORLD_SIZE), each rank on its own
+GPU (LOCAL_RANK).
 
 Weights: --weights takes the released HMMN_weights.pth or a checkpoint written by
 hmmn_ops.models.save_checkpoint (hmmn-vos train). Without --weights the packaged
 hmmn_ops/weights/hmmn.pt is used; if it is not installed the command stops with an error
 unless --random-init is given (random weights: for smoke tests only, the masks are noise).
+
+Resuming: run the same command again after an interruption and it continues. Frames already
+written are not written again and a sequence whose frames are all there is skipped (in a
+sequence begun, the frames before the first missing one are segmented again but not written:
+the model's memory needs them). Each file records what it was computed from (weights, frames,
+masks, options); a file computed otherwise is replaced.
 """
 import hashlib
 import os

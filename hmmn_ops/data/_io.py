@@ -23,6 +23,8 @@ def reading(path, what):
     unreadable keeps the operating system's own error (FileNotFoundError, PermissionError)."""
     try:
         yield
+    except MemoryError:
+        raise
     except OSError as e:
         if e.errno is not None:
             raise
