@@ -142,8 +142,12 @@ def test_unknown_device(tmp_path, clip, weights, capsys, command):
 
 
 def test_cuda_missing(tmp_path, clip, weights, capsys, monkeypatch):
+    argv = segment_args(clip, tmp_path / "out", weights, "--device", "cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "CUDA is not available" in error_of(capsys, segment_args(clip, tmp_path / "out", weights, "--device", "cuda:1"))
+    assert "CUDA is not available" in error_of(capsys, argv)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "--device cuda:1: this machine has 1 CUDA device(s)" in error_of(capsys, argv)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -283,7 +287,8 @@ for argv in (["segment", "--frames", "f", "--mask", "m.png", "--out", "o"], ["ev
 
 
 def test_without_the_vos_extra(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    path = [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-c", _WITHOUT_VOS, str(tmp_path / "w.pt")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
