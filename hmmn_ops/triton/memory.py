@@ -257,7 +257,7 @@ def _fwd_topk(q_ptr, e_ptr, k_ptr, v_ptr, w_ptr, scale_ptr, idx_ptr, o_ptr, lse_
     tl.store(lse_ptr + b * N + q, m_i + tl.log(l_i), mask=q < tl.where(vb == 0, N, 0))
 
 
-@triton.autotune(**_KV_TUNING, key=_KEY)
+@triton.autotune(**_KV_TUNING, key=_KEY + ["USAGE_ONLY"])
 @triton.jit
 def _bwd_kv(q_ptr, e_ptr, k_ptr, v_ptr, w_ptr, scale_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dw_ptr,
             sq_b, sq_c, sq_n, se_b, se_c, se_n, sk_b, sk_c, sk_m, sv_b, sv_c, sv_m, sw_b, sw_m,
@@ -470,7 +470,8 @@ class _Args:
         self.strides = (*query_key.stride(), *e.stride(), *memory_key.stride(), *memory_value.stride(), *w.stride())
         self.meta = dict(L2=similarity == "l2", HAS_W=self.has_w, HAS_E=self.has_e, ACC=tl_acc(self.dtype),
                          PRECISION=dot_precision(self.dtype), BLOCK_CK=pow2(self.Ck))
-        self.block_cv = min(pow2(self.Cv), MAX_BLOCK_CV)
+        # float32 tiles take twice the registers: half the value channels per program.
+        self.block_cv = min(pow2(self.Cv), MAX_BLOCK_CV if self.dtype.itemsize <= 2 or INTERPRET else MAX_BLOCK_CV // 2)
         self.n_cv = triton.cdiv(self.Cv, self.block_cv)
 
     def select(self, *names):
@@ -556,8 +557,8 @@ def memory_read_backward(grad_out, query_key, memory_key, memory_value, memory_s
     delta = (grad_out.to(acc) * out.to(acc)).sum(1).contiguous()  # D[q] = <dO[:, q], O[:, q]>
     lse = lse.to(acc).contiguous()
     with device_guard(query_key):
-        if topk_indices.shape[2] > 0:
-            return _topk_backward(a, grad_out, lse, delta, topk_indices, grads)
+        if topk_indices.shape[2] > 0:  # the kernels step along k with stride 1
+            return _topk_backward(a, grad_out, lse, delta, topk_indices.contiguous(), grads)
         return _full_backward(a, grad_out, lse, delta, grads)
 
 
