@@ -477,11 +477,6 @@ class _Args:
     def select(self, *names):
         return {key: self.meta[key] for key in names}
 
-    def gathered(self, topk_indices):
-        """Arguments of the kernels that gather selected positions (no V, no PRECISION)."""
-        q, e, k, _, w, scale = self.tensors
-        return (q, e, k, w, scale, topk_indices)
-
 
 def _check_topk(topk):
     if topk > TOPK_MAX and not INTERPRET:
