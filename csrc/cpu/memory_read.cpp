@@ -27,7 +27,10 @@
 namespace hmmn_ops::cpu {
 namespace {
 
-constexpr int64_t kQueryBlock = 64;
+// Forward query blocks of up to kQueryBlock queries: each memory chunk (V: Cv x kMemoryChunk)
+// is read once per block, so the block must be large for the V P^T products to run at the
+// GEMM rate rather than the memory bandwidth (64 queries: 0.6 of it; 256: 1.0).
+constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kMemoryChunk = 512;
 constexpr int64_t kGatherChannels = 16;   // value channels per gather task
 constexpr int64_t kUsageMemoryBlock = 256;
@@ -144,14 +147,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_read(
     auto topk_softmax_k = HMMN_PICK(topk_softmax<T_>);
     auto rescale_k = HMMN_PICK(scale_columns<T_>);
     auto write_k = HMMN_PICK(write_normalised<T_>);
-    const int64_t nqb = ceil_div(Nq, kQueryBlock), chunk = std::min(kMemoryChunk, Nm);
+    // Equal blocks, their number a multiple of 4 (balanced over 1, 2 or 4 threads when B = 1),
+    // chosen from the shapes only (results do not depend on the thread count).
+    const int64_t nqb = std::max<int64_t>(1, std::min(ceil_div(ceil_div(Nq, kQueryBlock), 4) * 4, ceil_div(Nq, 32)));
+    const int64_t qblock = ceil_div(Nq, nqb), chunk = std::min(kMemoryChunk, Nm);
 
     at::parallel_for(0, B * nqb, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T_> tile(kQueryBlock * chunk), acc(topk > 0 ? 0 : Cv * kQueryBlock);
-      std::vector<T_> m(kQueryBlock), l(kQueryBlock), alpha(kQueryBlock), tv(kQueryBlock * topk);
-      std::vector<int64_t> ti(kQueryBlock * topk);
+      std::vector<T_> tile(qblock * chunk), acc(topk > 0 ? 0 : Cv * qblock);
+      std::vector<T_> m(qblock), l(qblock), alpha(qblock), tv(qblock * topk);
+      std::vector<int64_t> ti(qblock * topk);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / nqb, q0 = (task % nqb) * kQueryBlock, bq = std::min(kQueryBlock, Nq - q0);
+        const int64_t b = task / nqb, q0 = (task % nqb) * qblock, bq = std::min(qblock, Nq - q0);
+        if (bq <= 0) continue;
         const T_* kab = ka + b * Ca * Nm;
         const T_* vb = v + b * Cv * Nm;
         std::fill(m.begin(), m.end(), -std::numeric_limits<T_>::infinity());
