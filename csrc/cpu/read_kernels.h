@@ -40,24 +40,31 @@ T softmax_row_update(T* s, int64_t n, T& m, T& l) {
 
 // Streaming top-k of one query: (tv, ti) hold its k best (logit, index) pairs so far, sorted by
 // descending logit then ascending index, padded with (-inf, INT64_MAX). Offers s[0, n) with
-// indices idx0 + i.
+// indices idx0 + i. Blocks of 16 whose (vectorised) max is below the k-th score are skipped
+// whole: after the first few hundred candidates almost every block is.
 template <typename T>
 void topk_offer(const T* s, int64_t n, int64_t idx0, T* tv, int64_t* ti, int64_t k) {
-  T thr = tv[k - 1];
-  for (int64_t i = 0; i < n; ++i) {
-    const T v = s[i];
-    if (v < thr) continue;
-    const int64_t idx = idx0 + i;
-    int64_t pos = k - 1;
-    if (!(v > tv[pos] || idx < ti[pos])) continue;  // equal to the last kept one, larger index
-    while (pos > 0 && (v > tv[pos - 1] || (v == tv[pos - 1] && idx < ti[pos - 1]))) {
-      tv[pos] = tv[pos - 1];
-      ti[pos] = ti[pos - 1];
-      --pos;
+  constexpr int64_t kBlock = 16;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t i1 = i0 + kBlock < n ? i0 + kBlock : n;
+    T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+    for (int64_t i = i0; i < i1; ++i) mx = s[i] > mx ? s[i] : mx;
+    if (mx < tv[k - 1]) continue;
+    for (int64_t i = i0; i < i1; ++i) {
+      const T v = s[i];
+      if (v < tv[k - 1]) continue;
+      const int64_t idx = idx0 + i;
+      int64_t pos = k - 1;
+      if (!(v > tv[pos] || idx < ti[pos])) continue;  // equal to the last kept one, larger index
+      while (pos > 0 && (v > tv[pos - 1] || (v == tv[pos - 1] && idx < ti[pos - 1]))) {
+        tv[pos] = tv[pos - 1];
+        ti[pos] = ti[pos - 1];
+        --pos;
+      }
+      tv[pos] = v;
+      ti[pos] = idx;
     }
-    tv[pos] = v;
-    ti[pos] = idx;
-    thr = tv[k - 1];
   }
 }
 
