@@ -129,7 +129,7 @@ class _Scores:
 def _attend(scores, v, nq, *, topk=0, restrict=False, topk_columns=None, usage=False):
     """The forward of every read: log-space softmax over memory of ``scores`` (a _Scores),
     ``out = V P``, in query chunks. With ``topk``: the top-k memory positions of each query
-    (among ``topk_columns`` if given; stable sort: ties to the smaller index), and with
+    (among ``topk_columns`` if given; ties to the smaller index), and with
     ``restrict`` the softmax runs over them only. Returns (out, lse, indices, usage)."""
     B, Cv, M = v.shape
     out, lse = v.new_empty(B, Cv, nq), v.new_empty(B, nq)
@@ -139,7 +139,7 @@ def _attend(scores, v, nq, *, topk=0, restrict=False, topk_columns=None, usage=F
         logits = scores(q0, q1)
         if topk > 0:
             candidates = logits if topk_columns is None else logits[:, topk_columns]
-            order = torch.sort(candidates, dim=1, descending=True, stable=True).indices[:, :topk]
+            order = _topk_indices(candidates, topk)
             indices[:, q0:q1] = order.transpose(1, 2)
             if restrict:
                 logits = _keep(logits, order)
@@ -149,6 +149,20 @@ def _attend(scores, v, nq, *, topk=0, restrict=False, topk_columns=None, usage=F
         if usage:
             used += probs.sum(2)
     return out, lse, indices, used
+
+
+def _topk_indices(scores, k):
+    """Indices (B, k, n) of the k largest of scores (B, M, n) along dim 1, by descending score,
+    ties to the smaller index, without sorting all M (torch.topk alone leaves ties unordered)."""
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]            # the k-th score: exact
+    equal = scores == kth
+    room = k - (scores > kth).sum(1, keepdim=True)                # how many ties at the k-th get in
+    selected = (scores > kth) | (equal & (equal.cumsum(1) <= room))  # exactly k, smallest tied indices
+    M = scores.shape[1]
+    rank = torch.arange(M, 0, -1, device=scores.device, dtype=torch.float64 if M > 2**24 else torch.float32)
+    index = torch.topk(selected * rank.view(1, M, 1), k, dim=1).indices.sort(dim=1).values  # ascending index
+    order = torch.sort(scores.gather(1, index), dim=1, descending=True, stable=True).indices
+    return index.gather(1, order)
 
 
 def _keep(logits, index):
