@@ -383,3 +383,15 @@ def test_native_checks_name_the_argument():
     out, lse, idx, _ = OPS.memory_read(q, k, v, None, None, "dot", 0.5, 2, False)
     with pytest.raises(RuntimeError, match="topk_indices"):
         OPS.memory_read_backward(out, q, k, v, None, None, out, lse, idx + 6, "dot", 0.5)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_half_inputs_compute_in_float32(dtype):
+    q, k, v, w, e = inputs(2, 8, 3, (5,), (9,), dtype, True, True)
+    for topk in (0, 3):
+        out, usage = read(q, k, v, w, e, "l2", topk)
+        want, want_usage = read(*(x.float() for x in (q, k, v, w, e)), "l2", topk, backend="reference")
+        assert out.dtype == usage.dtype == dtype
+        assert_close(out, want.to(dtype), 2e-2)
+        assert_close(usage, want_usage.to(dtype), 2e-2)
