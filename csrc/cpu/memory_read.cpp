@@ -21,6 +21,8 @@
 // atomics and no dependence on the thread count.
 #include "common.h"
 
+#include <array>
+
 #define HMMN_KERNELS "memory_read_kernels.h"
 #include "isa.h"
 
@@ -46,6 +48,11 @@ struct MemoryRead {
   bool l2;
   at::Tensor q, k, v, e;          // compute dtype, contiguous; e undefined without selection
   at::Tensor ka, qa, u, kb, qb;   // the affine form: (B, Ca, Nm), (B, Ca, Nq), (B, Nm), (B, Nm), (B, Nq)
+
+  template <typename T>
+  std::array<const T*, 6> pointers() const {  // ka, qa, u, kb, qb, v
+    return {ptr<T>(ka), ptr<T>(qa), ptr<T>(u), ptr<T>(kb), ptr<T>(qb), ptr<T>(v)};
+  }
 };
 
 MemoryRead prepare(const at::Tensor& query_key, const at::Tensor& memory_key, const at::Tensor& memory_value,
@@ -130,12 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_read(
   dispatch_compute(r.dtype, [&](auto zero) {
     using T_ = decltype(zero);
     const auto dtype = r.dtype;
-    const T_* ka = ptr<T_>(r.ka);
-    const T_* qa = ptr<T_>(r.qa);
-    const T_* u = ptr<T_>(r.u);
-    const T_* kb = ptr<T_>(r.kb);
-    const T_* qb = ptr<T_>(r.qb);
-    const T_* v = ptr<T_>(r.v);
+    const auto [ka, qa, u, kb, qb, v] = r.pointers<T_>();
     T_* out_ptr = ptr<T_>(out);
     T_* lse_ptr = ptr<T_>(lse);
     T_* probs_ptr = ptr<T_>(probs);
@@ -265,12 +267,7 @@ AffineGrads dense_backward(const MemoryRead& r, const at::Tensor& d_out, const a
   dispatch_compute(r.dtype, [&](auto zero) {
     using T_ = decltype(zero);
     const auto dtype = r.dtype;
-    const T_* ka = ptr<T_>(r.ka);
-    const T_* qa = ptr<T_>(r.qa);
-    const T_* u = ptr<T_>(r.u);
-    const T_* kb = ptr<T_>(r.kb);
-    const T_* qb = ptr<T_>(r.qb);
-    const T_* v = ptr<T_>(r.v);
+    const auto [ka, qa, u, kb, qb, v] = r.pointers<T_>();
     const T_* dout = ptr<T_>(d_out);
     const T_* lse_ptr = ptr<T_>(lse);
     const T_* delta_ptr = ptr<T_>(delta);
