@@ -30,6 +30,16 @@ TORCH_LIBRARY(hmmn_ops, m) {
       "topk_guided_read_backward(Tensor grad_out, Tensor query_key, Tensor memory_key, "
       "Tensor memory_value, Tensor topk_indices, Tensor out, Tensor lse, float scale, int ratio) "
       "-> (Tensor grad_query_key, Tensor grad_memory_key, Tensor grad_memory_value)");
+
+  m.def(
+      "memory_read(Tensor query_key, Tensor memory_key, Tensor memory_value, "
+      "Tensor? memory_shrinkage, Tensor? query_selection, str similarity, float scale, int topk, "
+      "bool return_usage) -> (Tensor out, Tensor lse, Tensor topk_indices, Tensor usage)");
+  m.def(
+      "memory_read_backward(Tensor grad_out, Tensor query_key, Tensor memory_key, Tensor memory_value, "
+      "Tensor? memory_shrinkage, Tensor? query_selection, Tensor out, Tensor lse, Tensor topk_indices, "
+      "str similarity, float scale) -> (Tensor grad_query_key, Tensor grad_memory_key, "
+      "Tensor grad_memory_value, Tensor grad_memory_shrinkage, Tensor grad_query_selection)");
 }
 
 #ifdef HMMN_OPS_PY_MODULE

@@ -49,11 +49,32 @@ def _topk_backward(ctx, impl, grad_out, *_):
     return (*grads, None, None, None)
 
 
+def _memory_read_setup(ctx, inputs, output):
+    query_key, memory_key, memory_value, shrinkage, selection, similarity, scale = inputs[:7]
+    out, lse, indices, usage = output
+    ctx.mark_non_differentiable(lse, indices, usage)
+    ctx.save_for_backward(query_key, memory_key, memory_value, shrinkage, selection, out, lse, indices)
+    ctx.similarity, ctx.scale = similarity, scale
+
+
+def _memory_read_backward(ctx, impl, grad_out, *_):
+    query_key, memory_key, memory_value, shrinkage, selection, out, lse, indices = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, d_shrinkage, d_selection = impl.memory_read_backward(
+        grad_out, query_key, memory_key, memory_value, shrinkage, selection, out, lse, indices, ctx.similarity,
+        ctx.scale)
+    # The selected set of a top-k read is held fixed: topk and the indices get no gradient.
+    return (dq, dk, dv, d_shrinkage if shrinkage is not None else None,
+            d_selection if selection is not None else None, None, None, None, None)
+
+
 # op -> (setup_context, backward(ctx, impl, *grads))
 FORMULAS = {
     "kernel_guided_read": (_read_setup, _read_backward),
     "gaussian_softmax": (_softmax_setup, _softmax_backward),
     "topk_guided_read": (_topk_setup, _topk_backward),
+    "memory_read": (_memory_read_setup, _memory_read_backward),
 }
 DIFFERENTIABLE = tuple(FORMULAS)
 

@@ -59,3 +59,25 @@ def _topk_guided_read(query_key, memory_key, memory_value, topk_indices, scale, 
 @torch.library.register_fake("hmmn_ops::topk_guided_read_backward")
 def _topk_guided_read_backward(grad_out, query_key, memory_key, memory_value, topk_indices, out, lse, scale, ratio):
     return _grads_like(query_key, memory_key, memory_value)
+
+
+@torch.library.register_fake("hmmn_ops::memory_read")
+def _memory_read(query_key, memory_key, memory_value, memory_shrinkage, query_selection, similarity, scale, topk,
+                 return_usage):
+    B, _, Nq = query_key.shape
+    Nm = memory_key.shape[2]
+    acc = _acc(query_key.dtype)
+    out = query_key.new_empty(B, memory_value.shape[1], Nq)
+    lse = query_key.new_empty(B, Nq, dtype=acc)
+    indices = query_key.new_empty(B, Nq, topk, dtype=torch.int64)
+    usage = query_key.new_empty(B, Nm if return_usage else 0, dtype=acc)
+    return out, lse, indices, usage
+
+
+@torch.library.register_fake("hmmn_ops::memory_read_backward")
+def _memory_read_backward(grad_out, query_key, memory_key, memory_value, memory_shrinkage, query_selection, out, lse,
+                          topk_indices, similarity, scale):
+    grads = _grads_like(query_key, memory_key, memory_value)
+    d_shrinkage = torch.empty_like(memory_shrinkage) if memory_shrinkage is not None else query_key.new_empty(0)
+    d_selection = torch.empty_like(query_selection) if query_selection is not None else query_key.new_empty(0)
+    return (*grads, d_shrinkage, d_selection)

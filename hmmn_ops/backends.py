@@ -21,7 +21,8 @@ from . import _autograd, reference
 BACKENDS = ("auto", "reference", "native", "triton")
 
 # Every schema of csrc/ops.cpp; the differentiable ones have a "<op>_backward" companion.
-FORWARD_OPS = ("kernel_guided_read", "gaussian_softmax", "local_track", "global_track", "topk_guided_read")
+FORWARD_OPS = ("kernel_guided_read", "gaussian_softmax", "local_track", "global_track", "topk_guided_read",
+               "memory_read")
 ALL_OPS = FORWARD_OPS + tuple(f"{op}_backward" for op in _autograd.DIFFERENTIABLE)
 
 _native = {}  # dispatch key -> ops with a compiled kernel, recorded before fallbacks fill the gaps

@@ -277,3 +277,94 @@ def topk_guided_read(query_key, memory_key, memory_value, topk_indices, *, scale
     out, _lse = call("topk_guided_read", backend, query_key.device,
                               (query_key, memory_key, memory_value, topk_indices, scale, ratio))
     return out
+
+
+def _trailing(x):
+    return "(" + ", ".join(str(s) for s in x.shape[2:]) + ")"
+
+
+def _check_memory_read_tensor(name, x, layout, like=None, like_name="query_key"):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor {layout}, got {type(x).__name__}")
+    if x.dim() < 3:
+        raise ValueError(f"{name}: expected a tensor {layout} with at least one trailing dim, got shape {_shape(x)}")
+    _floating(name, x, like, like_name)
+
+
+def memory_read(query_key, memory_key, memory_value, *, similarity="dot", memory_shrinkage=None,
+                query_selection=None, scale=None, topk=0, return_usage=False, backend="auto"):
+    """Fused memory read of STCN / XMem / Cutie / DEVA / AOT, docs/ops.md section 7.
+
+    Memory and query are flat lists of tokens whatever their trailing shape (``*M``, ``*Q``:
+    ``(T, H, W)`` frames, ``(N,)`` tokens, ``(H, W)``, ...). For memory token ``p`` and query ``q``::
+
+        "dot": s[p, q] = scale * <K[:, p], Q[:, q]>
+        "l2":  s[p, q] = -scale * w[p] * sum_c e[c, q] * (K[c, p] - Q[c, q])^2
+        P[:, q] = softmax_p(s[:, q])                  (topk == 0)
+                  softmax over the topk largest s[., q], 0 elsewhere (ties: smaller p)
+        out[:, q] = sum_p P[p, q] V[:, p];   usage[p] = sum_q P[p, q]
+
+    with ``w = memory_shrinkage`` and ``e = query_selection`` (1 when None). Computed in log
+    space without materialising the ``Nm x Nq`` scores. Differentiable in the keys, values,
+    shrinkage and selection (with ``topk > 0`` the selected set is held fixed).
+
+    Args:
+        query_key: (B, Ck, *Q).
+        memory_key: (B, Ck, *M).
+        memory_value: (B, Cv, *M); objects that share keys stack their values in Cv.
+        similarity: "dot" or "l2" (STCN; XMem / Cutie / DEVA with shrinkage and selection).
+        memory_shrinkage: None or (B, 1, *M), "l2" only.
+        query_selection: None or (B, Ck, *Q), "l2" only.
+        scale: defaults to ``1 / sqrt(Ck)``.
+        topk: 0 (full softmax) or ``1 <= topk <= Nm`` (softmax over each query's top-k).
+        return_usage: also return ``usage`` (B, *M), not differentiable.
+        backend: "auto" | "reference" | "native" | "triton".
+
+    Returns:
+        ``out`` (B, Cv, *Q), or ``(out, usage (B, *M))`` when ``return_usage``.
+    """
+    _check_memory_read_tensor("query_key", query_key, "(B, Ck, *Q)")
+    _check_memory_read_tensor("memory_key", memory_key, "(B, Ck, *M)", query_key)
+    _check_memory_read_tensor("memory_value", memory_value, "(B, Cv, *M)", query_key)
+    B, Ck = query_key.shape[:2]
+    Q, M = tuple(query_key.shape[2:]), tuple(memory_key.shape[2:])
+    if tuple(memory_key.shape[:2]) != (B, Ck):
+        raise ValueError(f"memory_key: expected shape ({B}, {Ck}, *M) matching query_key (B, Ck, *Q) = "
+                         f"{_shape(query_key)}, got {_shape(memory_key)}")
+    if memory_value.shape[0] != B or tuple(memory_value.shape[2:]) != M:
+        raise ValueError(f"memory_value: expected shape ({B}, Cv, {', '.join(map(str, M))}) (B, Cv, *M) matching "
+                         f"memory_key {_shape(memory_key)}, got {_shape(memory_value)}")
+    Nq, Nm, Cv = math.prod(Q), math.prod(M), memory_value.shape[1]
+    if Ck < 1 or Cv < 1 or Nm < 1:
+        raise ValueError(f"memory_key, memory_value: expected Ck >= 1, Cv >= 1 and at least one memory token, got "
+                         f"memory_key {_shape(memory_key)}, memory_value {_shape(memory_value)}")
+    if similarity not in ("dot", "l2"):
+        raise ValueError(f"similarity: expected 'dot' or 'l2', got {similarity!r}")
+    for name, x in (("memory_shrinkage", memory_shrinkage), ("query_selection", query_selection)):
+        if x is not None and similarity != "l2":
+            raise ValueError(f"{name}: only defined for similarity='l2' (XMem / Cutie), got similarity={similarity!r}")
+    if memory_shrinkage is not None:
+        _check_memory_read_tensor("memory_shrinkage", memory_shrinkage, "(B, 1, *M)", query_key)
+        if tuple(memory_shrinkage.shape) != (B, 1, *M):
+            raise ValueError(f"memory_shrinkage: expected shape ({B}, 1, {', '.join(map(str, M))}) (B, 1, *M) "
+                             f"matching memory_key, got {_shape(memory_shrinkage)}")
+        memory_shrinkage = memory_shrinkage.reshape(B, Nm)
+    if query_selection is not None:
+        _check_memory_read_tensor("query_selection", query_selection, "(B, Ck, *Q)", query_key)
+        if query_selection.shape != query_key.shape:
+            raise ValueError(f"query_selection: expected shape {_shape(query_key)} (B, Ck, *Q) equal to query_key's, "
+                             f"got {_shape(query_selection)}")
+        query_selection = query_selection.reshape(B, Ck, Nq)
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 0 <= topk <= Nm:
+        raise ValueError(f"topk: expected 0 (full softmax) or an int in [1, Nm = {Nm}], got {topk!r}")
+    if not isinstance(return_usage, bool):
+        raise ValueError(f"return_usage: expected a bool, got {return_usage!r}")
+    scale = _resolve_scale(scale, Ck)
+    _check_backend(backend)
+    args = (query_key.reshape(B, Ck, Nq), memory_key.reshape(B, Ck, Nm), memory_value.reshape(B, Cv, Nm),
+            memory_shrinkage, query_selection, similarity, scale, topk, return_usage)
+    out, _lse, _indices, usage = call("memory_read", backend, query_key.device, args)
+    out = out.view(B, Cv, *Q)
+    if not return_usage:
+        return out
+    return out, usage.to(query_key.dtype).view(B, *M)

@@ -23,6 +23,8 @@ __all__ = [
     "global_track",
     "topk_guided_read",
     "topk_guided_read_backward",
+    "memory_read",
+    "memory_read_backward",
 ]
 
 
@@ -56,12 +58,136 @@ def _gamma(sigma, hw):
     return (0.5 / sigma.square()).repeat_interleave(hw, dim=1)
 
 
-def _read_logits(q, k, centers, gamma, scale, width, q0, q1):
-    """Scores of all memory positions against queries q0..q1-1: (B, M, q1 - q0)."""
-    logits = torch.bmm(k.transpose(1, 2), q[:, :, q0:q1]).mul_(scale)
-    if centers is not None:
-        logits += _gaussian_bias(centers, gamma, width, q0, q1)
-    return logits
+class _Scores:
+    """The scores s[b, p, q] of a read, per chunk of queries, and their gradient: the one
+    logit engine every read here shares.
+
+    "dot": ``s = scale * K^T Q`` (+ the Gaussian bias of kernel_guided_read where ``centers``
+    is given); "l2": ``s = -scale * w[p] * sum_c e[c, q] (K[c, p] - Q[c, q])^2``, expanded into
+    block products as the fused kernels compute it: ``sum_c e K^2 - 2 sum_c K (e Q) + sum_c e Q^2``.
+    ``backward`` accumulates dQ, dK (and dw, de when given) from ``dS = dL/ds`` of a chunk.
+    """
+
+    def __init__(self, q, k, scale, similarity="dot", shrinkage=None, selection=None, centers=None, gamma=None,
+                 width=1):
+        self.q, self.k, self.scale, self.similarity = q, k, scale, similarity
+        self.w, self.e = shrinkage, selection
+        self.centers, self.gamma, self.width = centers, gamma, width
+        if similarity == "l2":
+            self.u = -scale * (shrinkage if shrinkage is not None else torch.ones_like(k[:, 0]))  # (B, M)
+            self.k_sq = k.square()
+        self.dq, self.dk = torch.zeros_like(q), torch.zeros_like(k)
+        self.dw = torch.zeros_like(shrinkage) if shrinkage is not None else None
+        self.de = torch.zeros_like(selection) if selection is not None else None
+
+    def _selected_query(self, q0, q1):
+        """(Q, e*Q, e) of queries q0..q1-1, e = None without selection."""
+        qc = self.q[:, :, q0:q1]
+        if self.e is None:
+            return qc, qc, None
+        e = self.e[:, :, q0:q1]
+        return qc, e * qc, e
+
+    def _distance(self, q0, q1):
+        """d2[p, q] = sum_c e[c, q] (K[c, p] - Q[c, q])^2 as block products: (B, M, n)."""
+        qc, eq, e = self._selected_query(q0, q1)
+        k_t = self.k.transpose(1, 2)
+        if e is None:
+            d2 = self.k_sq.sum(1).unsqueeze(-1) - 2 * torch.bmm(k_t, qc)
+        else:
+            d2 = torch.bmm(self.k_sq.transpose(1, 2), e).sub_(torch.bmm(k_t, eq), alpha=2)
+        return d2.add_((eq * qc).sum(1).unsqueeze(1))
+
+    def __call__(self, q0, q1):
+        if self.similarity == "l2":
+            return self._distance(q0, q1).mul_(self.u.unsqueeze(-1))
+        logits = torch.bmm(self.k.transpose(1, 2), self.q[:, :, q0:q1]).mul_(self.scale)
+        if self.centers is not None:
+            logits += _gaussian_bias(self.centers, self.gamma, self.width, q0, q1)
+        return logits
+
+    def backward(self, d_scores, q0, q1):
+        qc, eq, e = self._selected_query(q0, q1)
+        if self.similarity == "dot":
+            self.dq[:, :, q0:q1] = torch.bmm(self.k, d_scores).mul_(self.scale)
+            self.dk += torch.bmm(qc, d_scores.transpose(1, 2)).mul_(self.scale)
+            return
+        if self.dw is not None:
+            self.dw -= self.scale * (d_scores * self._distance(q0, q1)).sum(2)
+        ds_u = d_scores * self.u.unsqueeze(-1)  # dL/d(d2)
+        ds_t = ds_u.transpose(1, 2)
+        col = ds_u.sum(1).unsqueeze(1)          # (B, 1, n): sum_p dS u
+        k_ds = torch.bmm(self.k, ds_u)          # (B, Ck, n): sum_p dS u K
+        # d2 = sum_c e K^2 - 2 K (eQ) + e Q^2
+        ones = torch.ones_like(qc) if e is None else e
+        self.dk += 2 * (self.k * torch.bmm(ones, ds_t) - torch.bmm(eq, ds_t))
+        self.dq[:, :, q0:q1] = 2 * ones * (qc * col - k_ds)
+        if self.de is not None:
+            self.de[:, :, q0:q1] = torch.bmm(self.k_sq, ds_u) - 2 * qc * k_ds + qc.square() * col
+
+
+def _attend(scores, v, nq, *, topk=0, restrict=False, topk_columns=None, usage=False):
+    """The forward of every read: log-space softmax over memory of ``scores`` (a _Scores),
+    ``out = V P``, in query chunks. With ``topk``: the top-k memory positions of each query
+    (among ``topk_columns`` if given; ties to the smaller index), and with
+    ``restrict`` the softmax runs over them only. Returns (out, lse, indices, usage)."""
+    B, Cv, M = v.shape
+    out, lse = v.new_empty(B, Cv, nq), v.new_empty(B, nq)
+    indices = torch.empty(B, nq, topk, dtype=torch.int64, device=v.device)
+    used = v.new_zeros(B, M if usage else 0)
+    for q0, q1 in _chunks(nq, B * M * 3):
+        logits = scores(q0, q1)
+        if topk > 0:
+            candidates = logits if topk_columns is None else logits[:, topk_columns]
+            order = _topk_indices(candidates, topk)
+            indices[:, q0:q1] = order.transpose(1, 2)
+            if restrict:
+                logits = _keep(logits, order)
+        lse[:, q0:q1] = torch.logsumexp(logits, dim=1)
+        probs = torch.exp(logits - lse[:, None, q0:q1])
+        out[:, :, q0:q1] = torch.bmm(v, probs)
+        if usage:
+            used += probs.sum(2)
+    return out, lse, indices, used
+
+
+def _topk_indices(scores, k):
+    """Indices (B, k, n) of the k largest of scores (B, M, n) along dim 1, by descending score,
+    ties to the smaller index, without sorting all M (torch.topk alone leaves ties unordered)."""
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]            # the k-th score: exact
+    equal = scores == kth
+    room = k - (scores > kth).sum(1, keepdim=True)                # how many ties at the k-th get in
+    selected = (scores > kth) | (equal & (equal.cumsum(1) <= room))  # exactly k, smallest tied indices
+    M = scores.shape[1]
+    rank = torch.arange(M, 0, -1, device=scores.device, dtype=torch.float64 if M > 2**24 else torch.float32)
+    index = torch.topk(selected * rank.view(1, M, 1), k, dim=1).indices.sort(dim=1).values  # ascending index
+    order = torch.sort(scores.gather(1, index), dim=1, descending=True, stable=True).indices
+    return index.gather(1, order)
+
+
+def _keep(logits, index):
+    """logits (B, M, n) with -inf everywhere but at ``index`` (B, k, n) along dim 1."""
+    return torch.full_like(logits, float("-inf")).scatter_(1, index, logits.gather(1, index))
+
+
+def _attend_backward(scores, v, grad_out, out, lse, nq, topk_indices=None):
+    """Backward of _attend (P recomputed from lse; a top-k read's selected set held fixed):
+    returns dV and leaves dQ, dK, ... in ``scores``."""
+    B, Cv, M = v.shape
+    d_out = grad_out.reshape(B, Cv, nq).to(v.dtype)
+    delta = (d_out * out.reshape(B, Cv, nq).to(v.dtype)).sum(1)  # D[q] = <dO[:, q], O[:, q]>
+    lse = lse.to(v.dtype)
+    dv = torch.zeros_like(v)
+    for q0, q1 in _chunks(nq, B * M * 4):
+        logits = scores(q0, q1)
+        if topk_indices is not None and topk_indices.shape[2] > 0:
+            logits = _keep(logits, topk_indices[:, q0:q1].transpose(1, 2))
+        probs = torch.exp(logits - lse[:, None, q0:q1])
+        d_out_c = d_out[:, :, q0:q1]
+        dv += torch.bmm(d_out_c, probs.transpose(1, 2))
+        d_scores = torch.bmm(v.transpose(1, 2), d_out_c).sub_(delta[:, None, q0:q1]).mul_(probs)
+        scores.backward(d_scores, q0, q1)
+    return dv
 
 
 def _flatten_read_inputs(query_key, memory_key, memory_value, centers, sigma):
@@ -80,48 +206,56 @@ def _flatten_read_inputs(query_key, memory_key, memory_value, centers, sigma):
 
 def kernel_guided_read(query_key, memory_key, memory_value, centers, sigma, scale, topk, topk_frames):
     B, Ck, H, W = query_key.shape
-    T, Cv, HW = memory_key.shape[2], memory_value.shape[1], H * W
+    Cv, HW = memory_value.shape[1], H * W
     q, k, v, c, gamma = _flatten_read_inputs(query_key, memory_key, memory_value, centers, sigma)
-    out = q.new_empty(B, Cv, HW)
-    lse = q.new_empty(B, HW)
-    indices = torch.empty(B, HW, topk, dtype=torch.int64, device=q.device)
     selected = None
     if topk > 0:  # memory positions of the listed frames, in the listed order
         selected = torch.cat([torch.arange(f * HW, (f + 1) * HW, device=q.device) for f in topk_frames])
-    for q0, q1 in _chunks(HW, B * T * HW):
-        logits = _read_logits(q, k, c, gamma, scale, W, q0, q1)
-        lse[:, q0:q1] = torch.logsumexp(logits, dim=1)
-        probs = torch.exp(logits - lse[:, None, q0:q1])
-        out[:, :, q0:q1] = torch.bmm(v, probs)
-        if topk > 0:
-            # A stable descending sort keeps the smaller index first among equal logits.
-            order = torch.sort(logits[:, selected], dim=1, descending=True, stable=True).indices
-            indices[:, q0:q1] = order[:, :topk].transpose(1, 2)
+    scores = _Scores(q, k, scale, centers=c, gamma=gamma, width=W)
+    out, lse, indices, _ = _attend(scores, v, HW, topk=topk, topk_columns=selected)
     return out.view(B, Cv, H, W).to(query_key.dtype), lse, indices
 
 
 def kernel_guided_read_backward(grad_out, query_key, memory_key, memory_value, centers, sigma, out, lse, scale):
-    B, Ck, H, W = query_key.shape
-    T, Cv, HW = memory_key.shape[2], memory_value.shape[1], H * W
+    W = query_key.shape[3]
     q, k, v, c, gamma = _flatten_read_inputs(query_key, memory_key, memory_value, centers, sigma)
-    acc = q.dtype
-    d_out = grad_out.reshape(B, Cv, HW).to(acc)
-    delta = (d_out * out.reshape(B, Cv, HW).to(acc)).sum(1)  # D[q] = <dO[:, q], O[:, q]>
-    lse = lse.to(acc)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for q0, q1 in _chunks(HW, B * T * HW):
-        probs = torch.exp(_read_logits(q, k, c, gamma, scale, W, q0, q1) - lse[:, None, q0:q1])
-        d_out_c = d_out[:, :, q0:q1]
-        dv += torch.bmm(d_out_c, probs.transpose(1, 2))
-        d_scores = torch.bmm(v.transpose(1, 2), d_out_c).sub_(delta[:, None, q0:q1]).mul_(probs)
-        dq[:, :, q0:q1] = torch.bmm(k, d_scores).mul_(scale)
-        dk += torch.bmm(q[:, :, q0:q1], d_scores.transpose(1, 2)).mul_(scale)
-    dtype = query_key.dtype
+    scores = _Scores(q, k, scale, centers=c, gamma=gamma, width=W)
+    dv = _attend_backward(scores, v, grad_out, out, lse, q.shape[2])
     return (
-        dq.view(B, Ck, H, W).to(dtype),
-        dk.view(B, Ck, T, H, W).to(memory_key.dtype),
-        dv.view(B, Cv, T, H, W).to(memory_value.dtype),
+        scores.dq.view(query_key.shape).to(query_key.dtype),
+        scores.dk.view(memory_key.shape).to(memory_key.dtype),
+        dv.view(memory_value.shape).to(memory_value.dtype),
     )
+
+
+# ---------------------------------------------------------------- memory read (docs/ops.md section 7)
+
+
+def _memory_read_inputs(query_key, memory_key, memory_value, memory_shrinkage, query_selection, similarity, scale):
+    acc = acc_dtype(query_key.dtype)
+    cast = (lambda x: None if x is None else x.to(acc))
+    scores = _Scores(cast(query_key), cast(memory_key), scale, similarity, cast(memory_shrinkage),
+                     cast(query_selection))
+    return scores, memory_value.to(acc)
+
+
+def memory_read(query_key, memory_key, memory_value, memory_shrinkage, query_selection, similarity, scale, topk,
+                return_usage):
+    scores, v = _memory_read_inputs(query_key, memory_key, memory_value, memory_shrinkage, query_selection,
+                                    similarity, scale)
+    out, lse, indices, usage = _attend(scores, v, query_key.shape[2], topk=topk, restrict=True, usage=return_usage)
+    return out.to(query_key.dtype), lse, indices, usage
+
+
+def memory_read_backward(grad_out, query_key, memory_key, memory_value, memory_shrinkage, query_selection, out, lse,
+                         topk_indices, similarity, scale):
+    scores, v = _memory_read_inputs(query_key, memory_key, memory_value, memory_shrinkage, query_selection,
+                                    similarity, scale)
+    dv = _attend_backward(scores, v, grad_out, out, lse, query_key.shape[2], topk_indices)
+    dtype = query_key.dtype
+    empty = query_key.new_empty(0)
+    return (scores.dq.to(dtype), scores.dk.to(dtype), dv.to(dtype),
+            empty if scores.dw is None else scores.dw.to(dtype), empty if scores.de is None else scores.de.to(dtype))
 
 
 def gaussian_softmax(affinity, centers, sigma, height, width):
