@@ -2,8 +2,8 @@
 // by isa.h. The matrix products around them go to BLAS (at::mm) in kernel_guided_read.cpp.
 //
 // Gaussian term of memory position p for query q = (qy, qx), as reference.py computes it:
-//   logit = scale * <k_p, q> + -(((qy - cy_p)^2 + (qx - cx_p)^2) * g_p)
-// with g_p = 1 / (2 sigma^2), and cy_p = cx_p = g_p = 0 where p has no centre.
+//   logit = saturate(scale * <k_p, q> + gauss_term((qy - cy_p)^2 + (qx - cx_p)^2, g_p))
+// with g_p = 1 / (2 sigma^2), and cy_p = cx_p = g_p = 0 where p has no centre (simd.h).
 
 // One query's scores against n memory positions, in place: s[i] -> logit[i].
 // cy, cx, g: per memory position, or g == nullptr for a plain read.
@@ -11,13 +11,13 @@ template <typename T>
 void logit_row(T* s, int64_t n, T scale, T qy, T qx, const T* cy, const T* cx, const T* g) {
   if (g == nullptr) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) s[i] = s[i] * scale;
+    for (int64_t i = 0; i < n; ++i) s[i] = saturate(s[i] * scale);
     return;
   }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const T dy = qy - cy[i], dx = qx - cx[i];
-    s[i] = s[i] * scale + -((dy * dy + dx * dx) * g[i]);
+    s[i] = saturate(s[i] * scale + gauss_term(dy * dy + dx * dx, g[i]));
   }
 }
 
@@ -27,7 +27,7 @@ void logit_col(T* s, int64_t n, T scale, const T* qy, const T* qx, T cy, T cx, T
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const T dy = qy[j] - cy, dx = qx[j] - cx;
-    s[j] = s[j] * scale + -((dy * dy + dx * dx) * g);
+    s[j] = saturate(s[j] * scale + gauss_term(dy * dy + dx * dx, g));
   }
 }
 
@@ -39,10 +39,13 @@ T softmax_row_update(T* s, int64_t n, T& m, T& l) {
   T mx = m;
 #pragma omp simd reduction(max : mx)
   for (int64_t i = 0; i < n; ++i) mx = s[i] > mx ? s[i] : mx;
+  // Every score -inf so far (only from -inf inputs: finite logits saturate): no weight yet,
+  // and no exp(-inf - -inf) = NaN.
+  const T base = mx == -std::numeric_limits<T>::infinity() ? T(0) : mx;
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    const T e = fast_exp(s[i] - mx);
+    const T e = fast_exp(s[i] - base);
     s[i] = e;
     sum += e;
   }
@@ -54,12 +57,12 @@ T softmax_row_update(T* s, int64_t n, T& m, T& l) {
 
 // Streaming top-k of one query: (tv, ti) hold its k best (logit, index) pairs so far, sorted by
 // descending logit then ascending index, padded with (-inf, INT64_MAX). Offers s[0, n) with
-// indices idx0 + i.
+// indices idx0 + i; a NaN logit ranks as -inf (rank_value).
 template <typename T>
 void topk_offer(const T* s, int64_t n, int64_t idx0, T* tv, int64_t* ti, int64_t k) {
   T thr = tv[k - 1];
   for (int64_t i = 0; i < n; ++i) {
-    const T v = s[i];
+    const T v = rank_value(s[i]);
     if (v < thr) continue;
     const int64_t idx = idx0 + i;
     int64_t pos = k - 1;

@@ -37,6 +37,7 @@ from ._common import (
     pow2,
     rank_index,
     rank_key,
+    saturate,
     scale_tensor,
     tl_acc,
     tuning,
@@ -115,7 +116,7 @@ def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, sig_ptr, scale_ptr, o_ptr, lse_ptr,
         if HAS_CENTERS:
             cy, cx, gamma = _load_centers(c_ptr + b * sc_b, sig_ptr + b * ss_b, p, p_mask, sc_m, ss_t, HW, W, ACC)
             s += gaussian_bias(qy[:, None], qx[:, None], cy[None, :], cx[None, :], gamma[None, :])
-        s = tl.where(p_mask[None, :], s, float("-inf"))
+        s = tl.where(p_mask[None, :], saturate(s), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         e = tl.exp(s - m_new[:, None])
@@ -197,7 +198,7 @@ def _topk(q_ptr, k_ptr, c_ptr, sig_ptr, scale_ptr, frames_ptr, idx_ptr,
                 cy, cx, gamma = _load_centers(c_ptr + b * sc_b, sig_ptr + b * ss_b, p, pix_mask, sc_m, ss_t, HW, W,
                                               ACC)
                 s += gaussian_bias(qy[:, None], qx[:, None], cy[None, :], cx[None, :], gamma[None, :])
-            key = tl.where(pix_mask[None, :], rank_key(s, f_i * HW + pix[None, :], IDX_BITS), lowest)
+            key = tl.where(pix_mask[None, :], rank_key(saturate(s), f_i * HW + pix[None, :], IDX_BITS), lowest)
             best = tl.sort(tl.maximum(best, tl.sort(key, descending=False)), descending=True)
     tl.store(idx_ptr + b * si_b + q[:, None] * si_n + j[None, :], rank_index(best, IDX_BITS),
              mask=q_mask[:, None] & (j[None, :] < topk))
@@ -245,7 +246,7 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, c_ptr, sig_ptr, scale_ptr, do_ptr, lse_ptr, del
             s += gaussian_bias((q // W).to(ACC)[None, :], (q % W).to(ACC)[None, :], cy[:, None], cx[:, None],
                                gamma[:, None])
         lse = tl.load(lse_ptr + b * N + q, mask=q_mask, other=0.0)
-        s = tl.where(p_mask[:, None] & q_mask[None, :], s - lse[None, :], float("-inf"))
+        s = tl.where(p_mask[:, None] & q_mask[None, :], saturate(s) - lse[None, :], float("-inf"))
         pr = tl.exp(s)
         do = tl.load(do_ptr + b * sdo_b + q[:, None] * sdo_n + cv[None, :] * sdo_c,
                      mask=q_mask[:, None] & cv_mask[None, :], other=0.0)                   # [BQ, BCV]
@@ -295,7 +296,7 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, c_ptr, sig_ptr, scale_ptr, do_ptr, lse_ptr, delt
         if HAS_CENTERS:
             cy, cx, gamma = _load_centers(c_ptr + b * sc_b, sig_ptr + b * ss_b, p, p_mask, sc_m, ss_t, HW, W, ACC)
             s += gaussian_bias(qy[:, None], qx[:, None], cy[None, :], cx[None, :], gamma[None, :])
-        s = tl.where(q_mask[:, None] & p_mask[None, :], s - lse[:, None], float("-inf"))
+        s = tl.where(q_mask[:, None] & p_mask[None, :], saturate(s) - lse[:, None], float("-inf"))
         pr = tl.exp(s)
         dp = tl.zeros([BLOCK_Q, BLOCK_P], ACC)
         for c0 in range(0, Cv, BLOCK_CV):
