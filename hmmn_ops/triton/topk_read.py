@@ -92,9 +92,9 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, scale_ptr, o_ptr, lse_ptr,
     scale = tl.load(scale_ptr)
     ROWS: tl.constexpr = CELLS * RR_PAD
     PER_CELL: tl.constexpr = COLS // CELLS
-    ck = tl.arange(0, BLOCK_CK)
+    ck = tl.arange(0, BLOCK_CK).to(tl.int64)
     ck_mask = ck < Ck
-    cv = vb * BLOCK_CV + tl.arange(0, BLOCK_CV)
+    cv = (vb * BLOCK_CV + tl.arange(0, BLOCK_CV)).to(tl.int64)
     cv_mask = cv < Cv
     row_cell, row_ok, qpos = _cell_rows(cb, Nc, Wc, W, r, RR, CELLS, RR_PAD)
     qt = tl.load(q_ptr + b * sq_b + qpos[:, None] * sq_n + ck[None, :] * sq_c,
@@ -142,7 +142,7 @@ def _bwd(q_ptr, k_ptr, v_ptr, idx_ptr, scale_ptr, do_ptr, lse_ptr, delta_ptr, dq
     scale = tl.load(scale_ptr)
     ROWS: tl.constexpr = CELLS * RR_PAD
     PER_CELL: tl.constexpr = COLS // CELLS
-    ck = tl.arange(0, BLOCK_CK)
+    ck = tl.arange(0, BLOCK_CK).to(tl.int64)
     ck_mask = ck < Ck
     row_cell, row_ok, qpos = _cell_rows(cb, Nc, Wc, W, r, RR, CELLS, RR_PAD)
     qt = tl.load(q_ptr + b * sq_b + qpos[:, None] * sq_n + ck[None, :] * sq_c,
@@ -163,7 +163,7 @@ def _bwd(q_ptr, k_ptr, v_ptr, idx_ptr, scale_ptr, do_ptr, lse_ptr, delta_ptr, dq
         pr = tl.exp(tl.where(valid, saturate(s) - lse[:, None], float("-inf")))                     # [ROWS, COLS]
         dp = tl.zeros([ROWS, COLS], ACC)
         for c0 in range(0, Cv, BLOCK_CV):
-            cv = c0 + tl.arange(0, BLOCK_CV)
+            cv = (c0 + tl.arange(0, BLOCK_CV)).to(tl.int64)
             cv_mask = cv < Cv
             do = tl.load(do_ptr + b * sdo_b + qpos[:, None] * sdo_n + cv[None, :] * sdo_c,
                          mask=row_ok[:, None] & cv_mask[None, :], other=0.0)              # [ROWS, BCV]
