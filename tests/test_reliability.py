@@ -356,6 +356,26 @@ def test_10_softmax_offsets_are_64_bit():
         torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3, msg=backend)
 
 
+def test_10_read_offsets_are_64_bit():
+    """memory_key / memory_value as views whose channel stride times channel passes 2^31 (a
+    slice of a larger memory bank), lazily allocated: every backend reads the right elements."""
+    B, Ck, T, H, W = 1, 3, 2, 2, 2
+    stride = 2**31 // (Ck - 1) + 1
+    storage = torch.empty((Ck - 1) * stride + T * H * W, dtype=torch.float16)
+    k = storage.as_strided((B, Ck, T, H, W), (0, stride, H * W, W, 1))
+    k.copy_(torch.randn(B, Ck, T, H, W))
+    v = k[:, :2]
+    q = torch.randn(B, Ck, H, W, dtype=torch.float16)
+    want = hmmn_ops.kernel_guided_read(q.double(), k.double(), v.double(), backend="reference")
+    idx = torch.randint(0, T * H * W, (B, H * W, 2))
+    sparse = hmmn_ops.topk_guided_read(q.double(), k.double(), v.double(), idx, backend="reference")
+    for backend in cpu_backends("kernel_guided_read"):
+        got = hmmn_ops.kernel_guided_read(q, k, v, backend=backend)
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3, msg=backend)
+        got = hmmn_ops.topk_guided_read(q, k, v, idx, backend=backend)
+        torch.testing.assert_close(got.double(), sparse, rtol=2e-3, atol=2e-3, msg=backend)
+
+
 # ---------------------------------------------------------------- conventions: autocast, topk_frames
 
 
