@@ -117,7 +117,8 @@ def kernel_guided_read(query_key, memory_key, memory_value, centers, sigma, scal
     for q0, q1 in _chunks(HW, B * T * HW):
         logits = _read_logits(q, k, c, gamma, scale, W, q0, q1)
         lse[:, q0:q1] = torch.logsumexp(logits, dim=1)
-        probs = torch.exp(logits - lse[:, None, q0:q1])
+        # softmax, not exp(logits - lse): at saturated magnitudes lse cannot hold log(count)
+        probs = torch.softmax(logits, dim=1)
         out[:, :, q0:q1] = torch.bmm(v, probs)
         if topk > 0:
             order = rank_order(logits[:, selected], dim=1)
@@ -265,7 +266,7 @@ def topk_guided_read(query_key, memory_key, memory_value, topk_indices, scale, r
         keys, values = _gather(k, cand[:, c0:c1]), _gather(v, cand[:, c0:c1])
         logits = saturate_(torch.matmul(q[:, c0:c1], keys.transpose(-1, -2)).mul_(scale))  # (B, n, rr, m)
         lse[:, c0:c1] = torch.logsumexp(logits, dim=-1)
-        out[:, c0:c1] = torch.matmul(torch.exp(logits - lse[:, c0:c1, :, None]), values)
+        out[:, c0:c1] = torch.matmul(torch.softmax(logits, dim=-1), values)  # as kernel_guided_read
     lse = _from_cell_layout(lse.unsqueeze(-1), H, W, r).reshape(B, H * W)
     return _from_cell_layout(out, H, W, r).to(query_key.dtype), lse
 
