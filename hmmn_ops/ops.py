@@ -206,9 +206,10 @@ def kernel_guided_read(query_key, memory_key, memory_value, centers=None, sigma=
         scale: defaults to ``1 / sqrt(Ck)``.
         topk: if > 0, also return for each query the ``topk`` memory positions of largest
             logit among ``topk_frames``, sorted by descending logit (ties: smaller index).
-        topk_frames: frame indices searched by the top-k (default: all frames, in order).
-            Returned indices point into their concatenation: ``j * H * W + y * W + x`` for the
-            j-th listed frame.
+        topk_frames: frame indices searched by the top-k (default: all frames, in order); a
+            negative index counts from the end, a repeat counts once (``(0, -1)`` serves every
+            T). Returned indices point into their concatenation: ``j * H * W + y * W + x`` for
+            the j-th distinct listed frame.
         backend: "auto" | "reference" | "native" | "triton".
 
     Returns:
