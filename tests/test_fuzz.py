@@ -41,7 +41,8 @@ TRITON_EXAMPLES = None if LONG else 10  # the interpreter is slow: a few tiny ex
 OPS = ("kernel_guided_read", "gaussian_softmax", "local_track", "global_track", "topk_guided_read")
 # The argument names an error may name (with the words of the front's messages).
 ARGS = {
-    "kernel_guided_read": ("query_key", "memory_key", "memory_value", "centers", "sigma", "scale", "topk"),
+    "kernel_guided_read": ("query_key", "memory_key", "memory_value", "centers", "sigma", "scale", "topk",
+                           "topk_frames"),
     "gaussian_softmax": ("affinity", "centers", "sigma", "size"),
     "local_track": ("memory_key", "query_key", "window"),
     "global_track": ("memory_key", "query_key"),
