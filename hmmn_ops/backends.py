@@ -46,6 +46,9 @@ class _Native:
 
 
 NATIVE = _Native()
+for _op in _autograd.DIFFERENTIABLE:  # made outside any torch.compile trace (see forced_function)
+    _autograd.forced_function(_op, "reference", reference)
+    _autograd.forced_function(_op, "native", NATIVE)
 
 
 def _triton_module():
@@ -135,7 +138,7 @@ def call(op, backend, device, args):
             return getattr(torch.ops.hmmn_ops, op)(*args)
     impl = implementation(backend, op, device)
     if op in _autograd.DIFFERENTIABLE:
-        return _autograd.run_forced(op, impl, args)
+        return _autograd.run_forced(op, backend, impl, args)
     return getattr(impl, op)(*args)
 
 

@@ -6,6 +6,8 @@ dispatcher, autograd and torch.compile); a forced backend runs that backend's
 implementation under the same backward formula (see backends.py).
 """
 import math
+import numbers
+import operator
 
 import torch
 
@@ -51,13 +53,47 @@ def _eager():
     return not torch.compiler.is_compiling()
 
 
+def _check_values(ok, message):
+    """``ok`` (a bool tensor) must hold everywhere. Eager: ValueError(message()). Compiled: the
+    same check as an assert torch.compile keeps in the graph (RuntimeError naming the argument;
+    without the range of values, which would need the data)."""
+    if _eager():
+        if not bool(ok.all()):
+            raise ValueError(message())
+    else:
+        torch._assert_async(ok.all(), message(compiled=True))
+
+
+def _real_number(name, x):
+    """A real Python/NumPy number or a 0-d floating/integer tensor; not a bool, not a string."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.dtype.is_complex and x.dtype != torch.bool:
+        return float(x)
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise ValueError(f"{name}: expected a real number, got {type(x).__name__} {x!r}")
+    return float(x)
+
+
 def _resolve_scale(scale, channels):
     if scale is None:
         return 1.0 / math.sqrt(channels)
-    scale = float(scale)
+    scale = _real_number("scale", scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number, got {scale}")
     return scale
+
+
+def _same_dtype_under_autocast(*tensors):
+    """Under torch.autocast the floating inputs are cast to one dtype, the widest among them
+    (docs/reliability.md); elsewhere they must already share one (checked by the caller)."""
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
+        return tensors
+    device = tensors[0].device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _check_read_inputs(query_key, memory_key, memory_value):
@@ -73,8 +109,10 @@ def _check_read_inputs(query_key, memory_key, memory_value):
     if T < 1:
         raise ValueError(f"memory_key: expected at least one memory frame (T >= 1), got shape {_shape(memory_key)}")
     _expect_dims("memory_value", memory_value, (B, None, T, H, W), "(B, Cv, T, H, W) matching memory_key")
-    if H < 1 or W < 1 or Ck < 1 or memory_value.shape[1] < 1:
-        raise ValueError(f"query_key: expected positive sizes, got {_shape(query_key)} and {_shape(memory_value)}")
+    if H < 1 or W < 1 or Ck < 1:
+        raise ValueError(f"query_key: expected positive sizes (B, Ck, H, W), got {_shape(query_key)}")
+    if memory_value.shape[1] < 1:
+        raise ValueError(f"memory_value: expected Cv >= 1 value channels, got shape {_shape(memory_value)}")
     return B, Ck, T, H, W
 
 
@@ -85,29 +123,59 @@ def _check_centers(centers, B, T, H, W, device):
     if centers.device != device:
         raise ValueError(f"centers: expected device {device}, got {centers.device}")
     _expect_dims("centers", centers, (B, T, H, W), "(B, T, H, W)")
-    if _eager() and centers.numel() > 0:
-        lo, hi = int(centers.min()), int(centers.max())
-        if lo < -1 or hi >= H * W:
-            raise ValueError(f"centers: expected flat query indices in [0, {H * W}) or -1, got values in [{lo}, {hi}]")
+    if centers.numel() > 0:
+        _check_values((centers >= -1) & (centers < H * W), lambda compiled=False: (
+            f"centers: expected flat query indices in [0, {H * W}) or -1, got "
+            + ("values outside" if compiled else f"values in [{int(centers.min())}, {int(centers.max())}]")))
 
 
 def _check_sigma(sigma, B, T, device, dtype):
     """sigma: number, (T,) or (B, T) -> canonical (B, T) contiguous tensor in the accumulation dtype."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    if isinstance(sigma, (int, float)):
-        sigma = torch.full((T,), float(sigma), dtype=acc, device=device)
     if not isinstance(sigma, torch.Tensor):
-        raise ValueError(f"sigma: expected a number or a tensor (T,) or (B, T), got {type(sigma).__name__}")
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+            raise ValueError(f"sigma: expected a positive number or a floating tensor (T,) or (B, T), got "
+                             f"{type(sigma).__name__} {sigma!r}")
+        sigma = torch.full((T,), float(sigma), dtype=torch.float64, device=device)
     if not sigma.is_floating_point():
         raise ValueError(f"sigma: expected a floating tensor (T,) or (B, T), got dtype {sigma.dtype}")
     if sigma.dim() == 1 and sigma.shape[0] == T:
         sigma = sigma.unsqueeze(0).expand(B, T)
     elif sigma.dim() != 2 or tuple(sigma.shape) != (B, T):
         raise ValueError(f"sigma: expected shape ({T},) or ({B}, {T}) (T,) or (B, T), got {_shape(sigma)}")
-    sigma = sigma.to(device=device, dtype=acc).contiguous()
-    if _eager() and sigma.numel() > 0 and not bool((sigma > 0).all()):
-        raise ValueError(f"sigma: expected every value > 0, got min {float(sigma.min())}")
-    return sigma
+    if sigma.numel() > 0:
+        # > 0 and finite in the accumulation dtype (1e300 overflows float32 to inf).
+        big = torch.finfo(acc).max
+        _check_values((sigma > 0) & (sigma <= big), lambda compiled=False: (
+            f"sigma: expected every value > 0 and finite in {acc}, got "
+            + ("a value outside" if compiled else f"values in [{float(sigma.min())}, {float(sigma.max())}]")))
+    return sigma.to(device=device, dtype=acc).contiguous()
+
+
+def _normalise_frames(topk_frames, T):
+    """topk_frames -> distinct frame indices in [0, T), in the order given (first listing kept):
+    a negative index counts from the end and a repeat counts once, so (0, -1) serves every T."""
+    if topk_frames is None:
+        return list(range(T))
+    if isinstance(topk_frames, (str, bytes)) or not hasattr(topk_frames, "__iter__"):
+        raise ValueError(f"topk_frames: expected a sequence of frame indices (ints), got "
+                         f"{type(topk_frames).__name__} {topk_frames!r}")
+    frames = []
+    for f in topk_frames:
+        try:
+            if isinstance(f, bool) or (isinstance(f, torch.Tensor) and f.dtype == torch.bool):
+                raise TypeError
+            f = operator.index(f)
+        except TypeError:
+            raise ValueError(f"topk_frames: expected int frame indices, got {type(f).__name__} {f!r} "
+                             f"in {topk_frames!r}") from None
+        if not -T <= f < T:
+            raise ValueError(f"topk_frames: expected frame indices in [-{T}, {T}) (T = memory frames), "
+                             f"got {f} in {list(topk_frames)!r}")
+        f %= T
+        if f not in frames:
+            frames.append(f)
+    return frames
 
 
 def _check_backend(backend):
@@ -138,14 +206,16 @@ def kernel_guided_read(query_key, memory_key, memory_value, centers=None, sigma=
         scale: defaults to ``1 / sqrt(Ck)``.
         topk: if > 0, also return for each query the ``topk`` memory positions of largest
             logit among ``topk_frames``, sorted by descending logit (ties: smaller index).
-        topk_frames: frame indices searched by the top-k (default: all frames, in order).
-            Returned indices point into their concatenation: ``j * H * W + y * W + x`` for the
-            j-th listed frame.
+        topk_frames: frame indices searched by the top-k (default: all frames, in order); a
+            negative index counts from the end, a repeat counts once (``(0, -1)`` serves every
+            T). Returned indices point into their concatenation: ``j * H * W + y * W + x`` for
+            the j-th distinct listed frame.
         backend: "auto" | "reference" | "native" | "triton".
 
     Returns:
         ``out`` (B, Cv, H, W), or ``(out, topk_indices (B, H*W, topk) int64)`` if ``topk > 0``.
     """
+    query_key, memory_key, memory_value = _same_dtype_under_autocast(query_key, memory_key, memory_value)
     B, Ck, T, H, W = _check_read_inputs(query_key, memory_key, memory_value)
     if (centers is None) != (sigma is None):
         raise ValueError("centers and sigma: give both (Gaussian-guided read) or neither (plain read); "
@@ -155,18 +225,13 @@ def kernel_guided_read(query_key, memory_key, memory_value, centers=None, sigma=
         sigma = _check_sigma(sigma, B, T, query_key.device, query_key.dtype)
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 0:
         raise ValueError(f"topk: expected an int >= 0, got {topk!r}")
-    frames = []
-    if topk > 0:
-        frames = list(range(T)) if topk_frames is None else [int(f) for f in topk_frames]
-        if not frames:
-            raise ValueError("topk_frames: expected at least one frame index when topk > 0, got an empty list")
-        bad = [f for f in frames if not 0 <= f < T]
-        if bad:
-            raise ValueError(f"topk_frames: expected frame indices in [0, {T}) (T = memory frames), got {bad}")
-        if len(set(frames)) != len(frames):
-            raise ValueError(f"topk_frames: a frame is listed twice: {frames}")
-        if topk > len(frames) * H * W:
-            raise ValueError(f"topk: expected at most len(topk_frames) * H * W = {len(frames) * H * W}, got {topk}")
+    frames = _normalise_frames(topk_frames, T)  # checked even when topk == 0
+    if topk == 0:
+        frames = []
+    elif not frames:
+        raise ValueError("topk_frames: expected at least one frame index when topk > 0, got an empty list")
+    elif topk > len(frames) * H * W:
+        raise ValueError(f"topk: expected at most len(distinct topk_frames) * H * W = {len(frames) * H * W}, got {topk}")
     scale = _resolve_scale(scale, Ck)
     _check_backend(backend)
     out, _lse, indices = call("kernel_guided_read", backend, query_key.device,
@@ -189,7 +254,7 @@ def gaussian_softmax(affinity, centers, sigma, *, size, backend="auto"):
     _tensor("affinity", affinity, 3, "(B, T*H*W, H*W)")
     _floating("affinity", affinity)
     try:
-        H, W = (int(s) for s in size)
+        H, W = (operator.index(s) for s in size)
     except (TypeError, ValueError):
         raise ValueError(f"size: expected (H, W), got {size!r}") from None
     if H < 1 or W < 1:
@@ -208,6 +273,8 @@ def _check_track_keys(memory_key, query_key):
     _tensor("query_key", query_key, 4, "(B, C, H, W)")
     _floating("query_key", query_key)
     _floating("memory_key", memory_key, query_key, "query_key")
+    if query_key.shape[1] < 1:
+        raise ValueError(f"query_key: expected C >= 1 key channels, got shape {_shape(query_key)}")
 
 
 def local_track(memory_key, query_key, window=7, *, backend="auto"):
@@ -215,15 +282,20 @@ def local_track(memory_key, query_key, window=7, *, backend="auto"):
 
     For every memory pixel (y, x): the flat query index ``qy * W + qx`` of the best match
     ``argmax <memory_key[:, y, x], query_key[:, qy, qx]>`` over ``|qy - y| <= window // 2``,
-    ``|qx - x| <= window // 2`` inside the frame. Ties go to the smaller index.
+    ``|qx - x| <= window // 2`` inside the frame. Ties go to the smaller index. A window
+    larger than the frame is the whole frame.
 
     Returns: (B, H, W) int64.
     """
     _tensor("memory_key", memory_key, 4, "(B, C, H, W)")
+    memory_key, query_key = _same_dtype_under_autocast(memory_key, query_key)
     _check_track_keys(memory_key, query_key)
     _expect_dims("query_key", query_key, tuple(memory_key.shape), "(B, C, H, W) equal to memory_key's shape")
     if not isinstance(window, int) or isinstance(window, bool) or window < 1 or window % 2 == 0:
-        raise ValueError(f"window: expected a positive odd int, got {window!r}")
+        raise ValueError(f"window: expected a positive odd int, got {type(window).__name__} {window!r}")
+    # Offsets past the frame have no candidate: the radius never needs to exceed max(H, W) - 1
+    # (this also keeps a huge Python int from overflowing int64 or looping for ever).
+    window = 2 * min(window // 2, max(max(memory_key.shape[2:]) - 1, 0)) + 1
     _check_backend(backend)
     return call("local_track", backend, query_key.device, (memory_key, query_key, window))
 
@@ -236,6 +308,7 @@ def global_track(memory_key, query_key, *, backend="auto"):
     Returns: (B, T, H, W) int64.
     """
     _tensor("memory_key", memory_key, 5, "(B, C, T, H, W)")
+    memory_key, query_key = _same_dtype_under_autocast(memory_key, query_key)
     _check_track_keys(memory_key, query_key)
     B, C, H, W = query_key.shape
     _expect_dims("memory_key", memory_key, (B, C, None, H, W), "(B, C, T, H, W) matching query_key (B, C, H, W)")
@@ -243,7 +316,8 @@ def global_track(memory_key, query_key, *, backend="auto"):
     return call("global_track", backend, query_key.device, (memory_key, query_key))
 
 
-def topk_guided_read(query_key, memory_key, memory_value, topk_indices, *, scale=None, backend="auto"):
+def topk_guided_read(query_key, memory_key, memory_value, topk_indices, *, scale=None, topk_frames=None,
+                     backend="auto"):
     """Top-k guided sparse gather-and-attend, SPEC.md section 5.
 
     ``topk_indices`` (B, Hc*Wc, k) int64 index the coarse memory grid ``T*Hc*Wc``; each index
@@ -251,8 +325,13 @@ def topk_guided_read(query_key, memory_key, memory_value, topk_indices, *, scale
     by a softmax of ``scale * <q, k>``, over the ``k*r*r`` fine pixels of its coarse cell's
     indices. Nothing gathered is materialised by the fused backends.
 
+    ``topk_frames``: the frames of the ``kernel_guided_read`` call that produced the indices
+    (same rules: negative indices count from the end, a repeat counts once). The indices then
+    point into the concatenation of those frames of the whole memory, which is passed as is.
+
     Returns: (B, Cv, H, W).
     """
+    query_key, memory_key, memory_value = _same_dtype_under_autocast(query_key, memory_key, memory_value)
     B, Ck, T, H, W = _check_read_inputs(query_key, memory_key, memory_value)
     _tensor("topk_indices", topk_indices, 3, "(B, Hc*Wc, k) int64")
     if topk_indices.dtype != torch.int64:
@@ -267,15 +346,22 @@ def topk_guided_read(query_key, memory_key, memory_value, topk_indices, *, scale
             f"H={H} and W={W} (e.g. ({B}, {(H // 2) * (W // 2)}, k) for r = 2), got {_shape(topk_indices)}")
     if k < 1:
         raise ValueError(f"topk_indices: expected k >= 1 candidates per cell, got shape {_shape(topk_indices)}")
-    coarse = T * cells
-    if _eager() and topk_indices.numel() > 0:
-        lo, hi = int(topk_indices.min()), int(topk_indices.max())
-        if lo < 0 or hi >= coarse:
-            raise ValueError(f"topk_indices: expected values in [0, T*Hc*Wc = {coarse}), got values in [{lo}, {hi}]")
+    frames = None if topk_frames is None else _normalise_frames(topk_frames, T)
+    coarse = (T if frames is None else len(frames)) * cells
+    bound = "T*Hc*Wc" if frames is None else "len(distinct topk_frames)*Hc*Wc"
+    if topk_indices.numel() > 0:
+        _check_values((topk_indices >= 0) & (topk_indices < coarse), lambda compiled=False: (
+            f"topk_indices: expected values in [0, {bound} = {coarse}), got "
+            + ("values outside" if compiled else f"values in [{int(topk_indices.min())}, {int(topk_indices.max())}]")))
+    if frames is not None and frames != list(range(T)):
+        # Index i of the concatenation of the listed frames -> the same cell of frame
+        # frames[i // cells] of the whole memory: O(B * Hc*Wc * k), and every backend gets it.
+        listed = torch.tensor(frames, dtype=torch.int64, device=topk_indices.device)
+        topk_indices = listed[topk_indices // cells] * cells + topk_indices % cells
     scale = _resolve_scale(scale, Ck)
     _check_backend(backend)
     out, _lse = call("topk_guided_read", backend, query_key.device,
-                              (query_key, memory_key, memory_value, topk_indices, scale, ratio))
+                     (query_key, memory_key, memory_value, topk_indices, scale, ratio))
     return out
 
 

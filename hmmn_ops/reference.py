@@ -38,6 +38,31 @@ def _chunks(total, per_item):
     return [(s, min(s + step, total)) for s in range(0, total, step)]
 
 
+# Logits saturate at +-LOGIT_BOUND (by accumulation dtype), far inside the finite range so that
+# a log-sum-exp of saturated logits stays finite too.
+LOGIT_BOUND = {torch.float32: 1e36, torch.float64: 1e300}
+
+
+def saturate_(logits):
+    """Clamp logits to +-LOGIT_BOUND, in place (NaN stays NaN): an overflow (huge scale, sigma so
+    tiny that 1 / (2 sigma^2) is inf) saturates instead of making inf - inf = NaN in the softmax
+    (docs/reliability.md)."""
+    big = LOGIT_BOUND[logits.dtype]
+    return logits.clamp_(-big, big)
+
+
+def rank_order(scores, dim):
+    """Indices sorting ``scores`` along ``dim`` by descending value, ties (and NaN, which ranks
+    as -inf: last) to the smaller index: the top-k and argmax order of docs/reliability.md."""
+    return torch.sort(scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")), dim=dim,
+                      descending=True, stable=True).indices
+
+
+def rank_argmax(scores, dim):
+    """First index of the largest value along ``dim``, NaN ranking as -inf (rank_order's first)."""
+    return scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")).argmax(dim=dim)
+
+
 def _gaussian_bias(centers, gamma, width, q0, q1):
     """-(squared distance from query q to centre c(p)) * gamma[p]; 0 where centers[p] == -1.
 
@@ -49,7 +74,8 @@ def _gaussian_bias(centers, gamma, width, q0, q1):
     c = centers.clamp_min(0)
     cy, cx = (c // width).to(gamma.dtype).unsqueeze(-1), (c % width).to(gamma.dtype).unsqueeze(-1)
     d2 = (qy - cy).square() + (qx - cx).square()
-    bias = -d2 * gamma.unsqueeze(-1)
+    # d2 == 0 contributes exactly 0, even where gamma overflowed to inf (no 0 * inf).
+    bias = torch.where(d2 == 0, 0.0, -d2 * gamma.unsqueeze(-1))
     return bias.masked_fill_((centers < 0).unsqueeze(-1), 0.0)
 
 
@@ -100,11 +126,11 @@ class _Scores:
 
     def __call__(self, q0, q1):
         if self.similarity == "l2":
-            return self._distance(q0, q1).mul_(self.u.unsqueeze(-1))
+            return saturate_(self._distance(q0, q1).mul_(self.u.unsqueeze(-1)))
         logits = torch.bmm(self.k.transpose(1, 2), self.q[:, :, q0:q1]).mul_(self.scale)
         if self.centers is not None:
             logits += _gaussian_bias(self.centers, self.gamma, self.width, q0, q1)
-        return logits
+        return saturate_(logits)
 
     def backward(self, d_scores, q0, q1):
         qc, eq, e = self._selected_query(q0, q1)
@@ -144,7 +170,8 @@ def _attend(scores, v, nq, *, topk=0, restrict=False, topk_columns=None, usage=F
             if restrict:
                 logits = _keep(logits, order)
         lse[:, q0:q1] = torch.logsumexp(logits, dim=1)
-        probs = torch.exp(logits - lse[:, None, q0:q1])
+        # softmax, not exp(logits - lse): at saturated magnitudes lse cannot hold log(count)
+        probs = torch.softmax(logits, dim=1)
         out[:, :, q0:q1] = torch.bmm(v, probs)
         if usage:
             used += probs.sum(2)
@@ -153,7 +180,9 @@ def _attend(scores, v, nq, *, topk=0, restrict=False, topk_columns=None, usage=F
 
 def _topk_indices(scores, k):
     """Indices (B, k, n) of the k largest of scores (B, M, n) along dim 1, by descending score,
-    ties to the smaller index, without sorting all M (torch.topk alone leaves ties unordered)."""
+    ties to the smaller index, without sorting all M (torch.topk alone leaves ties unordered).
+    NaN ranks as -inf (rank_order's rule)."""
+    scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     kth = torch.topk(scores, k, dim=1).values[:, -1:]            # the k-th score: exact
     equal = scores == kth
     room = k - (scores > kth).sum(1, keepdim=True)                # how many ties at the k-th get in
@@ -266,7 +295,7 @@ def gaussian_softmax(affinity, centers, sigma, height, width):
     out = torch.empty(affinity.shape, dtype=affinity.dtype, device=affinity.device)
     for q0, q1 in _chunks(HW, B * M):
         logits = affinity[:, :, q0:q1].to(acc) + _gaussian_bias(c, gamma, width, q0, q1)
-        out[:, :, q0:q1] = torch.softmax(logits, dim=1)
+        out[:, :, q0:q1] = torch.softmax(saturate_(logits), dim=1)
     return out
 
 
@@ -280,7 +309,7 @@ def local_track(memory_key, query_key, window):
     B, C, H, W = memory_key.shape
     acc = acc_dtype(memory_key.dtype)
     mk, qk = memory_key.to(acc), query_key.to(acc)
-    rad = window // 2
+    rad = min(window // 2, max(H, W) - 1)  # offsets past the frame have no candidate
     ys = torch.arange(H, device=mk.device).view(H, 1)
     xs = torch.arange(W, device=mk.device).view(1, W)
     # Start from the smallest-index candidate of each window so the answer is always in the
@@ -298,7 +327,7 @@ def local_track(memory_key, query_key, window):
                 continue
             score = (mk[:, :, y0:y1, x0:x1] * qk[:, :, y0 + dy:y1 + dy, x0 + dx:x1 + dx]).sum(1)
             region = best[:, y0:y1, x0:x1]
-            better = score > region
+            better = score.nan_to_num(nan=float("-inf")) > region  # NaN ranks as -inf
             region[better] = score[better]
             flat = ((ys[y0:y1] + dy) * W + (xs[:, x0:x1] + dx)).expand_as(score)
             best_idx[:, y0:y1, x0:x1][better] = flat[better]
@@ -313,8 +342,7 @@ def global_track(memory_key, query_key):
     q = query_key.reshape(B, C, HW).to(acc)
     out = torch.empty(B, M, dtype=torch.int64, device=k.device)
     for m0, m1 in _chunks(M, B * HW):
-        # torch.argmax returns the first maximal index: ties go to the smaller query index.
-        out[:, m0:m1] = torch.bmm(k[:, :, m0:m1].transpose(1, 2), q).argmax(dim=2)
+        out[:, m0:m1] = rank_argmax(torch.bmm(k[:, :, m0:m1].transpose(1, 2), q), dim=2)
     return out.view(B, T, H, W)
 
 
@@ -373,9 +401,9 @@ def topk_guided_read(query_key, memory_key, memory_value, topk_indices, scale, r
     lse = q.new_empty(B, Nc, r * r)
     for c0, c1 in _chunks(Nc, B * m * (Ck + Cv + r * r)):
         keys, values = _gather(k, cand[:, c0:c1]), _gather(v, cand[:, c0:c1])
-        logits = torch.matmul(q[:, c0:c1], keys.transpose(-1, -2)).mul_(scale)  # (B, n, rr, m)
+        logits = saturate_(torch.matmul(q[:, c0:c1], keys.transpose(-1, -2)).mul_(scale))  # (B, n, rr, m)
         lse[:, c0:c1] = torch.logsumexp(logits, dim=-1)
-        out[:, c0:c1] = torch.matmul(torch.exp(logits - lse[:, c0:c1, :, None]), values)
+        out[:, c0:c1] = torch.matmul(torch.softmax(logits, dim=-1), values)  # as kernel_guided_read
     lse = _from_cell_layout(lse.unsqueeze(-1), H, W, r).reshape(B, H * W)
     return _from_cell_layout(out, H, W, r).to(query_key.dtype), lse
 
@@ -394,7 +422,7 @@ def topk_guided_read_backward(grad_out, query_key, memory_key, memory_value, top
     for c0, c1 in _chunks(Nc, B * m * (2 * Ck + 2 * Cv + r * r)):
         idx = cand[:, c0:c1]
         keys, values = _gather(k, idx), _gather(v, idx)
-        logits = torch.matmul(q[:, c0:c1], keys.transpose(-1, -2)).mul_(scale)
+        logits = saturate_(torch.matmul(q[:, c0:c1], keys.transpose(-1, -2)).mul_(scale))
         probs = torch.exp(logits - lse[:, c0:c1, :, None])                     # (B, n, rr, m)
         d_values = torch.matmul(probs.transpose(-1, -2), d_out[:, c0:c1])      # (B, n, m, Cv)
         d_scores = torch.matmul(d_out[:, c0:c1], values.transpose(-1, -2))

@@ -172,7 +172,7 @@ def _bad_calls():
         ("sigma", lambda: hmmn_ops.kernel_guided_read(qk, mk, mv, c, -1.0)),
         ("topk", lambda: hmmn_ops.kernel_guided_read(qk, mk, mv, topk=-1)),
         ("topk", lambda: hmmn_ops.kernel_guided_read(qk, mk, mv, topk=13, topk_frames=(0,))),
-        ("topk_frames", lambda: hmmn_ops.kernel_guided_read(qk, mk, mv, topk=2, topk_frames=(0, 0))),
+        ("topk_frames", lambda: hmmn_ops.kernel_guided_read(qk, mk, mv, topk=2, topk_frames=(0, -3))),
         ("topk_frames", lambda: hmmn_ops.kernel_guided_read(qk, mk, mv, topk=2, topk_frames=(2,))),
         ("topk_frames", lambda: hmmn_ops.kernel_guided_read(qk, mk, mv, topk=2, topk_frames=())),
         ("backend", lambda: hmmn_ops.kernel_guided_read(qk, mk, mv, backend="cuda")),

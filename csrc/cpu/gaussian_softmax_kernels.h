@@ -19,14 +19,14 @@ inline void query_coords(int64_t q0, int64_t n, int64_t W, T* qy, T* qx) {
   }
 }
 
-// logit[j] = a[j] - ((qy[j] - cy)^2 + (qx[j] - cx)^2) * g, the Gaussian term of reference.py
-// (g = 0 where a position has no centre).
+// logit[j] = saturate(a[j] + gauss_term((qy[j] - cy)^2 + (qx[j] - cx)^2, g)), as reference.py
+// (g = 0 where a position has no centre; simd.h).
 template <typename T>
 inline void gaussian_row(const T* a, T* logit, const T* qy, const T* qx, T cy, T cx, T g, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const T dy = qy[j] - cy, dx = qx[j] - cx;
-    logit[j] = a[j] + -((dy * dy + dx * dx) * g);
+    logit[j] = saturate(a[j] + gauss_term(dy * dy + dx * dx, g));
   }
 }
 

@@ -2,8 +2,8 @@
 // by isa.h. The matrix products around them go to BLAS (at::mm) in kernel_guided_read.cpp.
 //
 // Gaussian term of memory position p for query q = (qy, qx), as reference.py computes it:
-//   logit = scale * <k_p, q> + -(((qy - cy_p)^2 + (qx - cx_p)^2) * g_p)
-// with g_p = 1 / (2 sigma^2), and cy_p = cx_p = g_p = 0 where p has no centre.
+//   logit = saturate(scale * <k_p, q> + gauss_term((qy - cy_p)^2 + (qx - cx_p)^2, g_p))
+// with g_p = 1 / (2 sigma^2), and cy_p = cx_p = g_p = 0 where p has no centre (simd.h).
 #include "read_kernels.h"
 
 // One query's scores against n memory positions, in place: s[i] -> logit[i].
@@ -12,13 +12,13 @@ template <typename T>
 void logit_row(T* s, int64_t n, T scale, T qy, T qx, const T* cy, const T* cx, const T* g) {
   if (g == nullptr) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) s[i] = s[i] * scale;
+    for (int64_t i = 0; i < n; ++i) s[i] = saturate(s[i] * scale);
     return;
   }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const T dy = qy - cy[i], dx = qx - cx[i];
-    s[i] = s[i] * scale + -((dy * dy + dx * dx) * g[i]);
+    s[i] = saturate(s[i] * scale + gauss_term(dy * dy + dx * dx, g[i]));
   }
 }
 
@@ -28,7 +28,7 @@ void logit_col(T* s, int64_t n, T scale, const T* qy, const T* qx, T cy, T cx, T
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const T dy = qy[j] - cy, dx = qx[j] - cx;
-    s[j] = s[j] * scale + -((dy * dy + dx * dx) * g);
+    s[j] = saturate(s[j] * scale + gauss_term(dy * dy + dx * dx, g));
   }
 }
 

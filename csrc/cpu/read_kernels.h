@@ -25,10 +25,13 @@ T softmax_row_update(T* s, int64_t n, T& m, T& l) {
   T mx = m;
 #pragma omp simd reduction(max : mx)
   for (int64_t i = 0; i < n; ++i) mx = s[i] > mx ? s[i] : mx;
+  // Every score -inf so far (only from -inf inputs: finite logits saturate): no weight yet,
+  // and no exp(-inf - -inf) = NaN.
+  const T base = mx == -std::numeric_limits<T>::infinity() ? T(0) : mx;
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    const T e = fast_exp(s[i] - mx);
+    const T e = fast_exp(s[i] - base);
     s[i] = e;
     sum += e;
   }
@@ -40,7 +43,7 @@ T softmax_row_update(T* s, int64_t n, T& m, T& l) {
 
 // Streaming top-k of one query: (tv, ti) hold its k best (logit, index) pairs so far, sorted by
 // descending logit then ascending index, padded with (-inf, INT64_MAX). Offers s[0, n) with
-// indices idx0 + i. Blocks of 16 whose (vectorised) max is below the k-th score are skipped
+// indices idx0 + i; a NaN logit ranks as -inf (rank_value). Blocks of 16 whose (vectorised) max is below the k-th score are skipped
 // whole: after the first few hundred candidates almost every block is.
 template <typename T>
 void topk_offer(const T* s, int64_t n, int64_t idx0, T* tv, int64_t* ti, int64_t k) {
@@ -52,7 +55,7 @@ void topk_offer(const T* s, int64_t n, int64_t idx0, T* tv, int64_t* ti, int64_t
     for (int64_t i = i0; i < i1; ++i) mx = s[i] > mx ? s[i] : mx;
     if (mx < tv[k - 1]) continue;
     for (int64_t i = i0; i < i1; ++i) {
-      const T v = s[i];
+      const T v = rank_value(s[i]);
       if (v < tv[k - 1]) continue;
       const int64_t idx = idx0 + i;
       int64_t pos = k - 1;

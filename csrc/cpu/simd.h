@@ -51,3 +51,16 @@ inline float fast_exp(float x_in) {
 }
 // double keeps libm's exp (the double path is for accuracy, not speed).
 inline double fast_exp(double x) { return std::exp(x); }
+
+// The numeric rules of docs/reliability.md, shared by every kernel:
+// a logit clamped to +-1e36 (float) / +-1e300 (double), NaN kept, so that an overflow (huge
+// scale, a sigma whose 1 / (2 sigma^2) is inf) saturates instead of making inf - inf = NaN in a
+// softmax, and a log-sum-exp of saturated logits stays finite (reference.py's LOGIT_BOUND);
+template <typename T> inline T saturate(T x) {
+  constexpr T big = sizeof(T) == 4 ? T(1e36f) : T(1e300);
+  return x > big ? big : (x < -big ? -big : x);
+}
+// the Gaussian term -d2 * g, exactly 0 at d2 == 0 even where g overflowed to inf (no 0 * inf);
+template <typename T> inline T gauss_term(T d2, T g) { return d2 == T(0) ? T(0) : -(d2 * g); }
+// a score as top-k and argmax rank it: NaN counts as -inf (ranks last, ties to the smaller index).
+template <typename T> inline T rank_value(T x) { return x != x ? -std::numeric_limits<T>::infinity() : x; }

@@ -12,7 +12,7 @@ void softmax_rows(T* s, int64_t rows, int64_t n, T scale, T* lse) {
   for (int64_t i = 0; i < rows; ++i) {
     T* row = s + i * n;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) row[j] *= scale;
+    for (int64_t j = 0; j < n; ++j) row[j] = saturate(row[j] * scale);
     T mx = row[0];
 #pragma omp simd reduction(max : mx)
     for (int64_t j = 0; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
@@ -41,7 +41,7 @@ void topk_cell_backward(const T* q, const T* d_out, const T* lse, const T* delta
     const T* kp = kt + fine[j] * Ck;
     const T* vp = vt + fine[j] * Cv;
     for (int64_t i = 0; i < rr; ++i) {
-      const T pr = fast_exp(dot(q + i * Ck, kp, Ck) * scale - lse[i]);
+      const T pr = fast_exp(saturate(dot(q + i * Ck, kp, Ck) * scale) - lse[i]);
       p[i * m + j] = pr;
       ds[i * m + j] = pr * (dot(d_out + i * Cv, vp, Cv) - delta[i]);
     }

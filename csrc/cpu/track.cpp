@@ -17,6 +17,9 @@ at::Tensor local_track(const at::Tensor& memory_key, const at::Tensor& query_key
   TORCH_CHECK(window >= 1 && window % 2 == 1, "window: expected a positive odd int, got ", window);
   auto out = at::empty({B, H, W}, memory_key.options().dtype(at::kLong));
   const int64_t HW = H * W;
+  // float lanes carry flat indices in int32 (Vec<float>::index)
+  TORCH_CHECK(HW < (int64_t(1) << 31), "memory_key: expected H*W < 2^31 pixels per frame, got shape ",
+              memory_key.sizes());
   if (out.numel() == 0) return out;
   const int64_t rad = window / 2;
   // Offsets beyond the frame have no candidate: only visit those that can be inside.

@@ -141,10 +141,11 @@ int64_t local_track_row_tiles(int64_t H, int64_t W) {
 }
 
 // Running argmax of one row of scores s[0, n): updates (best, idx) only on a strictly larger
-// value, so across chunks visited in order ties keep the earlier index.
+// value, so across chunks visited in order ties keep the earlier index. NaN is never larger
+// (it ranks as -inf).
 template <typename T>
 void row_argmax(const T* s, int64_t n, int64_t offset, T& best, int64_t& idx) {
-  T m = s[0];
+  T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) m = s[i] > m ? s[i] : m;
   if (!(m > best)) return;

@@ -33,10 +33,16 @@ def tuning(half, interpreted, full=None, width_arg="q_ptr"):
 
 
 def check_supported(x, op):
-    """float64 runs in the interpreter (tests) only: SPEC asks float16/bfloat16/float32 of CUDA."""
+    """float64 runs in the interpreter (tests) only: SPEC asks float16/bfloat16/float32 of CUDA.
+    bfloat16 does not run in the interpreter: its tl.dot on bfloat16 returns garbage (values
+    around 1e9; an upstream interpreter bug), so it is refused rather than wrong."""
     if x.is_cuda and x.dtype == torch.float64:
         raise RuntimeError(f"hmmn_ops.triton.{op}: the Triton kernels take float16, bfloat16 or float32 CUDA "
                            f"tensors, got float64; use backend='reference' for float64")
+    if not x.is_cuda and x.dtype == torch.bfloat16:
+        raise RuntimeError(f"hmmn_ops.triton.{op}: bfloat16 is refused under the Triton interpreter "
+                           f"(TRITON_INTERPRET=1), whose tl.dot computes bfloat16 wrong (upstream bug); "
+                           f"use float32 or float16 there, or run Triton on a GPU")
 
 
 def config(num_warps=4, num_stages=2, **meta):
@@ -137,10 +143,23 @@ def center_terms(c, s, W, ACC: tl.constexpr):
 
 @triton.jit
 def gaussian_bias(qy, qx, cy, cx, gamma):
-    """-|q - c|^2 * gamma, broadcast over the shapes given (queries on one axis, memory on the other)."""
+    """-|q - c|^2 * gamma, broadcast over the shapes given (queries on one axis, memory on the other);
+    exactly 0 at the centre even where gamma overflowed to inf (no 0 * inf)."""
     dy = qy - cy
     dx = qx - cx
-    return -(dy * dy + dx * dx) * gamma
+    d2 = dy * dy + dx * dx
+    return tl.where(d2 == 0, 0.0, -d2 * gamma)
+
+
+@triton.jit
+def saturate(x):
+    """Logits clamped to +-1e36 (float32) / +-1e300 (float64), NaN kept (reference.py's
+    LOGIT_BOUND): an overflow saturates instead of making inf - inf = NaN in a softmax."""
+    if x.dtype == tl.float64:
+        big = tl.full([], 1e300, tl.float64)
+    else:
+        big = tl.full([], 1e36, tl.float32)
+    return tl.where(x > big, big, tl.where(x < -big, -big, x))
 
 
 @triton.jit
@@ -150,6 +169,7 @@ def rank_key(logit, index, IDX_BITS: tl.constexpr):
     lowest IDX_BITS mantissa bits to the index, so logits closer than about 2^(IDX_BITS-52)
     relative count as tied."""
     logit = tl.where(logit == 0, 0.0, logit)  # -0.0 ties with +0.0, as in torch.sort
+    logit = tl.where(logit != logit, float("-inf"), logit)  # NaN ranks as -inf (docs/reliability.md)
     low = (1 << IDX_BITS) - 1 - index.to(tl.int64)
     if logit.dtype == tl.float64:
         bits = logit.to(tl.int64, bitcast=True)

@@ -3,7 +3,9 @@ and the flash-style backward (P recomputed from lse).
 
 Layouts (views of the inputs, any strides): queries (B, Ck, N) with N = H*W, memory keys
 (B, Ck, M) and values (B, Cv, M) with M = T*H*W, centres (B, M). Logits are
-``scale * <k_p, q_q> + bias(p, q)``, computed in the accumulation dtype ``ACC``.
+``scale * <k_p, q_q> + bias(p, q)``, computed in the accumulation dtype ``ACC`` and saturated
+(docs/reliability.md). Index vectors are int64: index times stride passes 2^31 for a view of
+a larger memory bank.
 
 Kernels:
   _fwd      one program = (query block, value tile, memory split, batch); online softmax over
@@ -37,6 +39,7 @@ from ._common import (
     pow2,
     rank_index,
     rank_key,
+    saturate,
     scale_tensor,
     tl_acc,
     topk_merge,
@@ -91,11 +94,11 @@ def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, sig_ptr, scale_ptr, o_ptr, lse_ptr,
     b = tl.program_id(2).to(tl.int64)
     scale = tl.load(scale_ptr)
 
-    q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = (qb * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
     q_mask = q < N
-    ck = tl.arange(0, BLOCK_CK)
+    ck = tl.arange(0, BLOCK_CK).to(tl.int64)
     ck_mask = ck < Ck
-    cv = vb * BLOCK_CV + tl.arange(0, BLOCK_CV)
+    cv = (vb * BLOCK_CV + tl.arange(0, BLOCK_CV)).to(tl.int64)
     cv_mask = cv < Cv
     qt = tl.load(q_ptr + b * sq_b + q[:, None] * sq_n + ck[None, :] * sq_c,
                  mask=q_mask[:, None] & ck_mask[None, :], other=0.0)                       # [BQ, CK]
@@ -108,7 +111,7 @@ def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, sig_ptr, scale_ptr, o_ptr, lse_ptr,
     start = split * split_len
     end = tl.minimum(start + split_len, M)
     for p0 in range(start, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
+        p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
         p_mask = p < end
         kt = tl.load(k_ptr + b * sk_b + ck[:, None] * sk_c + p[None, :] * sk_m,
                      mask=ck_mask[:, None] & p_mask[None, :], other=0.0)                   # [CK, BP]
@@ -116,7 +119,7 @@ def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, sig_ptr, scale_ptr, o_ptr, lse_ptr,
         if HAS_CENTERS:
             cy, cx, gamma = _load_centers(c_ptr + b * sc_b, sig_ptr + b * ss_b, p, p_mask, sc_m, ss_t, HW, W, ACC)
             s += gaussian_bias(qy[:, None], qx[:, None], cy[None, :], cx[None, :], gamma[None, :])
-        s = tl.where(p_mask[None, :], s, float("-inf"))
+        s = tl.where(p_mask[None, :], saturate(s), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         e = tl.exp(s - m_new[:, None])
@@ -139,7 +142,7 @@ def _combine(po_ptr, pl_ptr, o_ptr, lse_ptr, S, N, Cv,
              BLOCK_Q: tl.constexpr, BLOCK_CV: tl.constexpr):
     """out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s lse_s (partials are (B, S, Cv, N)
     and (B, S, N) contiguous along N; out (B, Cv, N) and lse (B, N) contiguous along N)."""
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = (tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
     q_mask = q < N
     b = tl.program_id(1).to(tl.int64)
     pl = pl_ptr + b * spl_b + q
@@ -152,7 +155,7 @@ def _combine(po_ptr, pl_ptr, o_ptr, lse_ptr, S, N, Cv,
     lse = mx + tl.log(total)
     tl.store(lse_ptr + b * N + q, lse, mask=q_mask)
     for c0 in range(0, Cv, BLOCK_CV):
-        cv = c0 + tl.arange(0, BLOCK_CV)
+        cv = (c0 + tl.arange(0, BLOCK_CV)).to(tl.int64)
         mask = cv[:, None] < Cv
         mask = mask & q_mask[None, :]
         acc = tl.zeros([BLOCK_CV, BLOCK_Q], lse.dtype)
@@ -172,11 +175,11 @@ def _topk(q_ptr, k_ptr, c_ptr, sig_ptr, scale_ptr, frames_ptr, idx_ptr,
     """Running top-KP per query: each block of KP logits is sorted ascending, max'ed element-wise
     with the descending running list (a bitonic merge step that keeps the KP largest of both),
     and the result re-sorted descending. KP = next power of two >= topk."""
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = (tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
     q_mask = q < N
     b = tl.program_id(1).to(tl.int64)
     scale = tl.load(scale_ptr)
-    ck = tl.arange(0, BLOCK_CK)
+    ck = tl.arange(0, BLOCK_CK).to(tl.int64)
     ck_mask = ck < Ck
     qt = tl.load(q_ptr + b * sq_b + q[:, None] * sq_n + ck[None, :] * sq_c,
                  mask=q_mask[:, None] & ck_mask[None, :], other=0.0)
@@ -198,7 +201,7 @@ def _topk(q_ptr, k_ptr, c_ptr, sig_ptr, scale_ptr, frames_ptr, idx_ptr,
                 cy, cx, gamma = _load_centers(c_ptr + b * sc_b, sig_ptr + b * ss_b, p, pix_mask, sc_m, ss_t, HW, W,
                                               ACC)
                 s += gaussian_bias(qy[:, None], qx[:, None], cy[None, :], cx[None, :], gamma[None, :])
-            key = tl.where(pix_mask[None, :], rank_key(s, f_i * HW + pix[None, :], IDX_BITS), lowest)
+            key = tl.where(pix_mask[None, :], rank_key(saturate(s), f_i * HW + pix[None, :], IDX_BITS), lowest)
             best = topk_merge(best, key)
     tl.store(idx_ptr + b * si_b + q[:, None] * si_n + j[None, :], rank_index(best, IDX_BITS),
              mask=q_mask[:, None] & (j[None, :] < topk))
@@ -218,11 +221,11 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, c_ptr, sig_ptr, scale_ptr, do_ptr, lse_ptr, del
     b = tl.program_id(1).to(tl.int64)
     scale = tl.load(scale_ptr)
 
-    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    p = (pb * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     p_mask = p < M
-    ck = tl.arange(0, BLOCK_CK)
+    ck = tl.arange(0, BLOCK_CK).to(tl.int64)
     ck_mask = ck < Ck
-    cv = vb * BLOCK_CV + tl.arange(0, BLOCK_CV)
+    cv = (vb * BLOCK_CV + tl.arange(0, BLOCK_CV)).to(tl.int64)
     cv_mask = cv < Cv
     kt = tl.load(k_ptr + b * sk_b + p[:, None] * sk_m + ck[None, :] * sk_c,
                  mask=p_mask[:, None] & ck_mask[None, :], other=0.0)                       # [BP, CK]
@@ -237,7 +240,7 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, c_ptr, sig_ptr, scale_ptr, do_ptr, lse_ptr, del
     dk = tl.zeros([BLOCK_P, BLOCK_CK], ACC)
     dv = tl.zeros([BLOCK_P, BLOCK_CV], ACC)
     for q0 in range(0, N, BLOCK_Q):
-        q = q0 + tl.arange(0, BLOCK_Q)
+        q = (q0 + tl.arange(0, BLOCK_Q)).to(tl.int64)
         q_mask = q < N
         qt = tl.load(q_ptr + b * sq_b + ck[:, None] * sq_c + q[None, :] * sq_n,
                      mask=ck_mask[:, None] & q_mask[None, :], other=0.0)                   # [CK, BQ]
@@ -246,7 +249,7 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, c_ptr, sig_ptr, scale_ptr, do_ptr, lse_ptr, del
             s += gaussian_bias((q // W).to(ACC)[None, :], (q % W).to(ACC)[None, :], cy[:, None], cx[:, None],
                                gamma[:, None])
         lse = tl.load(lse_ptr + b * N + q, mask=q_mask, other=0.0)
-        s = tl.where(p_mask[:, None] & q_mask[None, :], s - lse[None, :], float("-inf"))
+        s = tl.where(p_mask[:, None] & q_mask[None, :], saturate(s) - lse[None, :], float("-inf"))
         pr = tl.exp(s)
         do = tl.load(do_ptr + b * sdo_b + q[:, None] * sdo_n + cv[None, :] * sdo_c,
                      mask=q_mask[:, None] & cv_mask[None, :], other=0.0)                   # [BQ, BCV]
@@ -270,12 +273,12 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, c_ptr, sig_ptr, scale_ptr, do_ptr, lse_ptr, delt
            N, M, HW, W, Ck, Cv, split_len,
            HAS_CENTERS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
            BLOCK_Q: tl.constexpr, BLOCK_CK: tl.constexpr, BLOCK_CV: tl.constexpr, BLOCK_P: tl.constexpr):
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = (tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
     q_mask = q < N
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     scale = tl.load(scale_ptr)
-    ck = tl.arange(0, BLOCK_CK)
+    ck = tl.arange(0, BLOCK_CK).to(tl.int64)
     ck_mask = ck < Ck
     qt = tl.load(q_ptr + b * sq_b + q[:, None] * sq_n + ck[None, :] * sq_c,
                  mask=q_mask[:, None] & ck_mask[None, :], other=0.0)                       # [BQ, CK]
@@ -288,7 +291,7 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, c_ptr, sig_ptr, scale_ptr, do_ptr, lse_ptr, delt
     start = split * split_len
     end = tl.minimum(start + split_len, M)
     for p0 in range(start, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
+        p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
         p_mask = p < end
         kt = tl.load(k_ptr + b * sk_b + ck[:, None] * sk_c + p[None, :] * sk_m,
                      mask=ck_mask[:, None] & p_mask[None, :], other=0.0)                   # [CK, BP]
@@ -296,11 +299,11 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, c_ptr, sig_ptr, scale_ptr, do_ptr, lse_ptr, delt
         if HAS_CENTERS:
             cy, cx, gamma = _load_centers(c_ptr + b * sc_b, sig_ptr + b * ss_b, p, p_mask, sc_m, ss_t, HW, W, ACC)
             s += gaussian_bias(qy[:, None], qx[:, None], cy[None, :], cx[None, :], gamma[None, :])
-        s = tl.where(q_mask[:, None] & p_mask[None, :], s - lse[:, None], float("-inf"))
+        s = tl.where(q_mask[:, None] & p_mask[None, :], saturate(s) - lse[:, None], float("-inf"))
         pr = tl.exp(s)
         dp = tl.zeros([BLOCK_Q, BLOCK_P], ACC)
         for c0 in range(0, Cv, BLOCK_CV):
-            cv = c0 + tl.arange(0, BLOCK_CV)
+            cv = (c0 + tl.arange(0, BLOCK_CV)).to(tl.int64)
             cv_mask = cv < Cv
             do = tl.load(do_ptr + b * sdo_b + q[:, None] * sdo_n + cv[None, :] * sdo_c,
                          mask=q_mask[:, None] & cv_mask[None, :], other=0.0)               # [BQ, BCV]

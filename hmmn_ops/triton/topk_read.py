@@ -25,6 +25,7 @@ from ._common import (
     dot_precision,
     flat,
     pow2,
+    saturate,
     scale_tensor,
     tl_acc,
     tuning,
@@ -91,9 +92,9 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, scale_ptr, o_ptr, lse_ptr,
     scale = tl.load(scale_ptr)
     ROWS: tl.constexpr = CELLS * RR_PAD
     PER_CELL: tl.constexpr = COLS // CELLS
-    ck = tl.arange(0, BLOCK_CK)
+    ck = tl.arange(0, BLOCK_CK).to(tl.int64)
     ck_mask = ck < Ck
-    cv = vb * BLOCK_CV + tl.arange(0, BLOCK_CV)
+    cv = (vb * BLOCK_CV + tl.arange(0, BLOCK_CV)).to(tl.int64)
     cv_mask = cv < Cv
     row_cell, row_ok, qpos = _cell_rows(cb, Nc, Wc, W, r, RR, CELLS, RR_PAD)
     qt = tl.load(q_ptr + b * sq_b + qpos[:, None] * sq_n + ck[None, :] * sq_c,
@@ -110,7 +111,7 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, scale_ptr, o_ptr, lse_ptr,
                      mask=col_ok[None, :] & ck_mask[:, None], other=0.0)                  # [CK, COLS]
         s = dot(qt, kt, ACC, PRECISION) * scale
         # Every row has a valid column in each step (u = n0 < m of its own cell), so no -inf rows.
-        s = tl.where((row_cell[:, None] == col_cell[None, :]) & col_ok[None, :], s, float("-inf"))
+        s = tl.where((row_cell[:, None] == col_cell[None, :]) & col_ok[None, :], saturate(s), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         e = tl.exp(s - m_new[:, None])
@@ -141,7 +142,7 @@ def _bwd(q_ptr, k_ptr, v_ptr, idx_ptr, scale_ptr, do_ptr, lse_ptr, delta_ptr, dq
     scale = tl.load(scale_ptr)
     ROWS: tl.constexpr = CELLS * RR_PAD
     PER_CELL: tl.constexpr = COLS // CELLS
-    ck = tl.arange(0, BLOCK_CK)
+    ck = tl.arange(0, BLOCK_CK).to(tl.int64)
     ck_mask = ck < Ck
     row_cell, row_ok, qpos = _cell_rows(cb, Nc, Wc, W, r, RR, CELLS, RR_PAD)
     qt = tl.load(q_ptr + b * sq_b + qpos[:, None] * sq_n + ck[None, :] * sq_c,
@@ -159,10 +160,10 @@ def _bwd(q_ptr, k_ptr, v_ptr, idx_ptr, scale_ptr, do_ptr, lse_ptr, delta_ptr, dq
         s = dot(qt, kt, ACC, PRECISION) * scale
         # Padding rows must add nothing to dK/dV: their probabilities are forced to 0.
         valid = (row_cell[:, None] == col_cell[None, :]) & col_ok[None, :] & row_ok[:, None]
-        pr = tl.exp(tl.where(valid, s - lse[:, None], float("-inf")))                     # [ROWS, COLS]
+        pr = tl.exp(tl.where(valid, saturate(s) - lse[:, None], float("-inf")))                     # [ROWS, COLS]
         dp = tl.zeros([ROWS, COLS], ACC)
         for c0 in range(0, Cv, BLOCK_CV):
-            cv = c0 + tl.arange(0, BLOCK_CV)
+            cv = (c0 + tl.arange(0, BLOCK_CV)).to(tl.int64)
             cv_mask = cv < Cv
             do = tl.load(do_ptr + b * sdo_b + qpos[:, None] * sdo_n + cv[None, :] * sdo_c,
                          mask=row_ok[:, None] & cv_mask[None, :], other=0.0)              # [ROWS, BCV]

@@ -2,6 +2,7 @@
 
 Ties go to the smaller flat query index: candidates are visited in increasing index order and
 only a strictly larger score replaces the best (tl.argmax breaks ties to the left inside a block).
+A NaN score ranks as -inf (docs/reliability.md). Offsets are int64 (index times stride).
 """
 import torch
 import triton
@@ -23,7 +24,7 @@ _GLOBAL_TUNING = tuning(
 @triton.jit
 def _local(m_ptr, q_ptr, o_ptr, sm_b, sm_c, sm_n, sq_b, sq_c, sq_n, H, W, C, window,
            ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pix = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     valid = pix < H * W
     b = tl.program_id(1).to(tl.int64)
     y = pix // W
@@ -56,7 +57,7 @@ def _local(m_ptr, q_ptr, o_ptr, sm_b, sm_c, sm_n, sq_b, sq_c, sq_n, H, W, C, win
 def _global(m_ptr, q_ptr, o_ptr, sm_b, sm_c, sm_m, sq_b, sq_c, sq_n, M, N, C,
             ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
             BLOCK_C: tl.constexpr):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     p_mask = p < M
     b = tl.program_id(1).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
@@ -64,13 +65,14 @@ def _global(m_ptr, q_ptr, o_ptr, sm_b, sm_c, sm_m, sq_b, sq_c, sq_n, M, N, C,
     mk = tl.load(m_ptr + b * sm_b + p[:, None] * sm_m + c[None, :] * sm_c,
                  mask=p_mask[:, None] & c_mask[None, :], other=0.0)                        # [BP, C]
     best = tl.full([BLOCK_P], float("-inf"), ACC)
-    best_idx = tl.zeros([BLOCK_P], tl.int32)
+    best_idx = tl.zeros([BLOCK_P], tl.int64)
     for q0 in range(0, N, BLOCK_Q):
-        q = q0 + tl.arange(0, BLOCK_Q)
+        q = (q0 + tl.arange(0, BLOCK_Q)).to(tl.int64)
         q_mask = q < N
         qk = tl.load(q_ptr + b * sq_b + c[:, None] * sq_c + q[None, :] * sq_n,
                      mask=c_mask[:, None] & q_mask[None, :], other=0.0)                    # [C, BQ]
-        s = tl.where(q_mask[None, :], dot(mk, qk, ACC, PRECISION), float("-inf"))
+        s = dot(mk, qk, ACC, PRECISION)
+        s = tl.where(q_mask[None, :] & (s == s), s, float("-inf"))  # NaN ranks as -inf
         block_best = tl.max(s, axis=1)
         block_idx = q0 + tl.argmax(s, axis=1, tie_break_left=True)
         better = block_best > best
@@ -85,6 +87,7 @@ def local_track(memory_key, query_key, window):
     out = torch.empty(B, H, W, dtype=torch.int64, device=memory_key.device)
     if out.numel() == 0:
         return out
+    window = 2 * min(window // 2, max(H, W) - 1) + 1  # offsets past the frame have no candidate
     mk, qk = flat(memory_key, 2), flat(query_key, 2)
     with device_guard(memory_key):
         _local[lambda meta: (triton.cdiv(H * W, meta["BLOCK"]), B)](

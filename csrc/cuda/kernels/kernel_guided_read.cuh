@@ -261,7 +261,8 @@ __global__ void __launch_bounds__(kTopkWarps * 32, 1)
       for (int cc = 0; cc < kTopkCC; ++cc) dot += ks[cc][lane] * qs[warp][cc];
     }
     const int64_t mine = base + lane;
-    const A key = dot * p.scale + gauss_bias(qy, qx, cy[lane], cx[lane], g[lane]);
+    const A logit = dot * p.scale + gauss_bias(qy, qx, cy[lane], cx[lane], g[lane]);
+    const A key = logit != logit ? neg_inf<A>() : logit;  // NaN ranks as -inf (docs/reliability.md)
     const bool pass = q_ok && mine < L && (cnt < k || topk_better(key, mine, tail_k, tail_i));
     unsigned todo = __ballot_sync(0xffffffffu, pass);
     while (todo != 0u) {  // warp-uniform: every lane sees the same list and candidate

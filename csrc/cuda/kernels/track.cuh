@@ -26,6 +26,7 @@ __global__ void local_track_kernel(const T* __restrict__ mk, const T* __restrict
         const int64_t n = qy * W + qx;
         A d = A(0);
         for (int64_t c = 0; c < C; ++c) d += to_acc(m[c * N]) * to_acc(q[c * N + n]);
+        if (d != d) d = neg_inf<A>();  // NaN ranks as -inf (docs/reliability.md)
         if (arg < 0 || d > best) {
           best = d;
           arg = n;
@@ -81,8 +82,9 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
 #pragma unroll
       for (int b2 = 0; b2 < Cfg::RJ; ++b2) {
         const int64_t q = sm.col[Cfg::tx() + Cfg::TX * b2];
-        if (q >= 0 && (arg[a] < 0 || r[a][b2] > best[a])) {
-          best[a] = r[a][b2];
+        const A s = r[a][b2] != r[a][b2] ? neg_inf<A>() : r[a][b2];  // NaN ranks as -inf
+        if (q >= 0 && (arg[a] < 0 || s > best[a])) {
+          best[a] = s;
           arg[a] = q;
         }
       }
