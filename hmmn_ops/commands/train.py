@@ -1,7 +1,7 @@
 """Train an HMMN: static-image pretraining, then main training on videos (synthetic by default).
 
-  hmmn-vos train --config configs/release.yaml --out runs/release
-  hmmn-vos train --config configs/release.yaml --out runs/release --resume   # continue after a stop
+  hmmn-vos train --config release --out runs/release
+  hmmn-vos train --config release --out runs/release --resume   # continue after a stop
   hmmn-vos train --out runs/quick --set pretrain_steps=200 --set main_steps=400 --set lr=5e-4
   torchrun --nproc_per_node 2 -m hmmn_ops.cli train --config ... --out ...  # DDP (gloo on CPU, nccl on GPU)
 
