@@ -70,8 +70,9 @@ def _matching_build():
         return _REBUILD
     pinned = _public(BUILD_CONFIG["torch_version"])
     return (f"install the torch this build is for (pip install torch=={pinned}, from the index of your CPU/CUDA "
-            "variant), or build hmmn_ops against your torch: pip install --no-build-isolation --no-deps "
-            "--force-reinstall --no-binary hmmn_ops hmmn_ops (or the sdist / a source checkout; docs/install.md)")
+            "variant), or build hmmn_ops against your torch from its sdist or a source checkout: "
+            "pip install --no-build-isolation --no-deps --force-reinstall <hmmn_ops-*.tar.gz or checkout> "
+            "(docs/install.md in the sdist)")
 
 
 def _define_schemas():
