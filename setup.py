@@ -102,6 +102,8 @@ def extension():
         if k != "sources":
             print(f"  {k:14s} {v}")
     print(f"  {'sources':14s} {len(sources)} files; MAX_JOBS={os.environ.get('MAX_JOBS', os.cpu_count())}")
+    if "sdist" in sys.argv:  # an sdist carries no build record: leave the checkout's own build alone
+        return ext
     with open(os.path.join(ROOT, "hmmn_ops", "_build_config.py"), "w") as f:
         f.write("# Written by setup.py at build time; read by hmmn_ops at import to catch a stale build.\n")
         f.write(f"BUILD_CONFIG = {config!r}\n")

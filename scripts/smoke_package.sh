@@ -45,8 +45,10 @@ echo "   $(basename "$sdist"): $(wc -l <<<"$listing") entries, $(du -k "$sdist" 
 # 2. The wheel, built from the unpacked sdist (nothing else of the checkout).
 mkdir "$work/unpacked" && tar -xzf "$sdist" -C "$work/unpacked"
 echo "-- wheel from the sdist (MAX_JOBS=$MAX_JOBS)"
-(cd "$work/unpacked"/* && timed "$work/build-venv/bin/python" -m build --wheel --no-isolation -o "$work/dist" . \
+t=$SECONDS
+(cd "$work/unpacked"/* && "$work/build-venv/bin/python" -m build --wheel --no-isolation -o "$work/dist" . \
     > "$work/wheel.log" 2>&1) || { tail -30 "$work/wheel.log"; exit 1; }
+echo "   ($(( SECONDS - t )) s)"
 wheel=$(ls "$work"/dist/*.whl)
 "$work/build-venv/bin/python" - "$wheel" <<'PY'
 import sys, zipfile
