@@ -58,13 +58,13 @@ def torch_requirement():
 
 def license_metadata():
     """MIT, as an SPDX expression (PEP 639) where setuptools knows it (>= 77), else the legacy
-    license field and classifier: builds run with --no-build-isolation, on whatever setuptools the
-    machine has."""
+    License field: builds run with --no-build-isolation, on whatever setuptools the machine has
+    (pyproject.toml's static form works on only one side of 77)."""
     import setuptools
 
     if tuple(int(p) for p in re.findall(r"\d+", setuptools.__version__)[:2]) >= (77, 0):
         return dict(license_expression="MIT", license_files=["LICENSE"])
-    return dict(license="MIT", classifiers=["License :: OSI Approved :: MIT License"])
+    return dict(license="MIT")
 
 
 def extension():

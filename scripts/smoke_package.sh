@@ -66,17 +66,19 @@ PY
 if command -v file > /dev/null; then unzip -p "$wheel" 'hmmn_ops/_C*.so' > "$work/_C.so"; file "$work/_C.so" | grep -q "stripped" \
     && ! file "$work/_C.so" | grep -q "not stripped" || { echo "_C.so is not stripped: $(file "$work/_C.so")"; exit 1; }; fi
 
-# 3. A fresh venv: torch, then the wheel with the application extra.
-echo "-- run venv: $TORCH, then the wheel [vos]"
+# 3. A fresh venv: torch, then the wheel alone (the ops need nothing else), run from outside the source tree.
+echo "-- run venv: $TORCH, then the wheel"
 "$PYTHON" -m venv "$work/run-venv"
 timed pipq "$work/run-venv/bin/pip" install "$TORCH"
-timed pipq "$work/run-venv/bin/pip" install "$wheel[vos]"
-
-# 4. From outside the source tree.
+timed pipq "$work/run-venv/bin/pip" install "$wheel"
 cd "$work"
 py="$work/run-venv/bin/python"
-echo "-- every op, backward, Tracker"
+echo "-- every op, backward, Tracker (without the vos extra)"
 "$py" "$root/scripts/smoke_ops.py" --expect-native
+
+# 4. The application: the vos extra.
+echo "-- the wheel's vos extra"
+timed pipq "$work/run-venv/bin/pip" install "$wheel[vos]"
 echo "-- hmmn-vos info"
 "$work/run-venv/bin/hmmn-vos" info
 "$py" -c "from hmmn_ops.train import load_config; load_config('release'); print('-- packaged config: release loads')"
