@@ -99,7 +99,7 @@ def extension():
     }
     print("hmmn_ops build configuration:")
     for k, v in config.items():
-        if k != "sources":
+        if k not in ("sources", "schemas"):
             print(f"  {k:14s} {v}")
     print(f"  {'sources':14s} {len(sources)} files; MAX_JOBS={os.environ.get('MAX_JOBS', os.cpu_count())}")
     if "sdist" in sys.argv:  # an sdist carries no build record: leave the checkout's own build alone

@@ -19,7 +19,7 @@ VENV=${VENV:-.venv}
 TRITON=${TRITON:-auto}
 say() { echo "== setup.sh: $*"; }
 
-command -v "$PYTHON" > /dev/null || { echo "setup.sh: $PYTHON not found; install Python 3.10+ (Debian/Ubuntu: sudo apt-get install python3 python3-venv)" >&2; exit 1; }
+command -v "$PYTHON" > /dev/null || { echo "setup.sh: $PYTHON not found; install Python 3.10+ (Debian/Ubuntu: sudo apt-get install python3 python3-venv python3-dev g++)" >&2; exit 1; }
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
     || { echo "setup.sh: $("$PYTHON" --version) is too old: hmmn_ops needs Python 3.10 or newer (torch 2.13 does)" >&2; exit 1; }
 
@@ -44,6 +44,10 @@ case "$TRITON" in
     *) if "$py" -m pip install -q "triton>=3.0"; then say "Triton installed"
        else say "Triton not installed (optional: CUDA tensors then use the native kernels or the reference)"; fi ;;
 esac
+# What the build needs besides pip packages: a C++20 compiler and Python's headers.
+command -v "${CXX:-c++}" > /dev/null || { echo "setup.sh: no C++ compiler (${CXX:-c++}); on Debian/Ubuntu: sudo apt-get install g++" >&2; exit 1; }
+"$py" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || { echo "setup.sh: Python's headers (Python.h) are missing; on Debian/Ubuntu: sudo apt-get install python3-dev" >&2; exit 1; }
 say "building hmmn_ops against $("$py" -c 'import torch; print("torch", torch.__version__)') (pip install --no-build-isolation --no-deps -e .; a few minutes)"
 "$py" -m pip install -q --no-build-isolation --no-deps -e .
 
