@@ -83,8 +83,10 @@ echo "-- hmmn-vos info"
 "$work/run-venv/bin/hmmn-vos" info
 "$py" -c "from hmmn_ops.train import load_config; load_config('release'); print('-- packaged config: release loads')"
 echo "-- hmmn-vos demo (2 sequences, 6 frames)"
-timed "$work/run-venv/bin/hmmn-vos" demo --out "$work/demo" --sequences 2 --frames 6 --threads 2 --quiet > "$work/demo.log" 2>&1
-tail -1 "$work/demo.log"
+t=$SECONDS
+"$work/run-venv/bin/hmmn-vos" demo --out "$work/demo" --sequences 2 --frames 6 --threads 2 --quiet > "$work/demo.log" 2>&1 \
+    || { tail -20 "$work/demo.log"; exit 1; }
+echo "   $(tail -1 "$work/demo.log") ($(( SECONDS - t )) s)"
 test -f "$work/demo/overlay.png"
 
 # 5. The installed torch is not the one the wheel was built with (simulated by editing its record).
