@@ -16,7 +16,8 @@ import sys
 
 
 def add_arguments(p):
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of TrainConfig fields (the rest: defaults)")
+    p.add_argument("--config", metavar="FILE|NAME", help="YAML or JSON file of TrainConfig fields (the rest: defaults), "
+                   "or a packaged config: release, finetune, long_clips, prev_mask, prior_res4, gpu")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override a field, value read as YAML (repeatable): --set lr=3e-4 --set model.decoder_dim=48")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder")
