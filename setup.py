@@ -4,10 +4,15 @@ Knobs (environment variables):
   HMMN_OPS_CUDA=auto|0|1   build the CUDA kernels (auto: when torch has CUDA and nvcc is found)
   TORCH_CUDA_ARCH_LIST     archs to build, default "8.0;8.6;8.9;9.0+PTX"
   MAX_JOBS                 parallel compile jobs (ninja), default: the number of cores
-  HMMN_OPS_DEBUG=1         -O0 -g
+  HMMN_OPS_DEBUG=1         -O0 -g, not stripped (release builds: -O3, no debug info, stripped)
+
+The wheel is tied to the torch it is built with (an ABI does not survive a torch upgrade): its
+Requires-Dist pins that torch version, and hmmn_ops/_build_config.py records it for the import
+check (docs/install.md). Build with --no-build-isolation against the torch you will run.
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
@@ -36,15 +41,42 @@ def rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
+def schemas():
+    """The op schemas csrc/ops.cpp defines (its m.def string literals, joined): recorded in the build
+    config so that, when _C cannot be loaded (another torch), hmmn_ops defines the same ops in Python
+    and runs them on the reference / Triton backends."""
+    with open(os.path.join(ROOT, "csrc", "ops.cpp"), encoding="utf-8") as f:
+        text = f.read()
+    return ["".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call)) for call in re.findall(r"\bm\.def\((.*?)\);", text, re.S)]
+
+
+def torch_requirement():
+    """The wheel runs on the torch it was built with: pin its public version (2.13.0 for 2.13.0+cpu
+    or +cu128: the local label is the CPU/CUDA variant, which shares the C++ ABI)."""
+    return f"torch=={torch.__version__.split('+')[0]}"
+
+
+def license_metadata():
+    """MIT, as an SPDX expression (PEP 639) where setuptools knows it (>= 77), else the legacy
+    License field: builds run with --no-build-isolation, on whatever setuptools the machine has
+    (pyproject.toml's static form works on only one side of 77)."""
+    import setuptools
+
+    if tuple(int(p) for p in re.findall(r"\d+", setuptools.__version__)[:2]) >= (77, 0):
+        return dict(license_expression="MIT", license_files=["LICENSE"])
+    return dict(license="MIT")
+
+
 def extension():
     cuda = want_cuda()
     debug = os.environ.get("HMMN_OPS_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    release_cxx = [] if debug else ["-g0"]  # last, so it wins over a -g in Python's own CFLAGS
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = opt + ["-fopenmp", "-DHMMN_OPS_PY_MODULE"]
+    cxx = opt + ["-fopenmp", "-DHMMN_OPS_PY_MODULE"] + release_cxx
     args = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + ([] if debug else ["-Wl,--strip-all"]),
         py_limited_api=False,
     )
     archs = ""
@@ -63,12 +95,15 @@ def extension():
         "cuda_archs": archs,
         "debug": debug,
         "sources": sources,
+        "schemas": schemas(),
     }
     print("hmmn_ops build configuration:")
     for k, v in config.items():
-        if k != "sources":
+        if k not in ("sources", "schemas"):
             print(f"  {k:14s} {v}")
     print(f"  {'sources':14s} {len(sources)} files; MAX_JOBS={os.environ.get('MAX_JOBS', os.cpu_count())}")
+    if "sdist" in sys.argv:  # an sdist carries no build record: leave the checkout's own build alone
+        return ext
     with open(os.path.join(ROOT, "hmmn_ops", "_build_config.py"), "w") as f:
         f.write("# Written by setup.py at build time; read by hmmn_ops at import to catch a stale build.\n")
         f.write(f"BUILD_CONFIG = {config!r}\n")
@@ -79,5 +114,7 @@ os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 
 setup(
     ext_modules=[extension()],
+    install_requires=[torch_requirement(), "numpy>=1.24"],
+    **license_metadata(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,6 +1,6 @@
 """hmmn_ops: fast, memory-light memory matching for video object segmentation.
 
-The public API (docs/ops.md): six ops, each with ``backend="auto"``, and the ``Tracker``.
+The public API (docs/ops.md): the ops, each with ``backend="auto"``, and the ``Tracker``.
 """
 from ._build import BUILD_CONFIG
 from . import _autograd, _fake  # noqa: F401  (registrations)

@@ -77,6 +77,10 @@ def _triton_refusal(op, device):
 
 
 def _native_refusal(op, device):
+    from ._build import NATIVE_REFUSAL
+
+    if NATIVE_REFUSAL is not None:  # _C not loaded: built against another torch
+        return NATIVE_REFUSAL
     key = device.type
     if key == "cuda":
         from ._build import BUILD_CONFIG

@@ -1,4 +1,4 @@
-"""``Tracker``: HMMN's kernel-guided centres, chained over a memory bank (SPEC.md section 6).
+"""``Tracker``: HMMN's kernel-guided centres, chained over a memory bank (docs/ops.md section 6).
 
 Every processed frame is tracked to the next one with ``local_track``. A memory frame's
 centres in the current query are its pixels followed hop by hop through every intermediate

@@ -3,7 +3,7 @@
     from hmmn_ops.train import TrainConfig, train
     summary = train(TrainConfig(pretrain_steps=2000, main_steps=4000), "runs/mine")
 
-or ``hmmn-vos train --config configs/release.yaml --out runs/release`` (``torchrun
+or ``hmmn-vos train --config release --out runs/release`` (``torchrun
 --nproc_per_node N -m hmmn_ops.cli train ...`` for N processes). See docs/training.md.
 
 The recipe:
@@ -177,13 +177,35 @@ def _plain(x):
     return x
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def packaged_configs():
+    """Names of the configs shipped in the package (hmmn_ops/configs/NAME.yaml): ``--config NAME``."""
+    return sorted(name[:-5] for name in os.listdir(CONFIG_DIR) if name.endswith(".yaml"))
+
+
+def resolve_config(path):
+    """``path`` if it is a file, else the packaged config of that name (``release`` or
+    ``release.yaml``), so that ``--config release`` works from an installed wheel as from the repo."""
+    if os.path.isfile(path) or os.path.dirname(path):
+        return path
+    name = path[:-5] if path.endswith(".yaml") else path
+    if name in packaged_configs():
+        return os.path.join(CONFIG_DIR, name + ".yaml")
+    raise FileNotFoundError(f"config {path!r}: no such file, and not a packaged config name "
+                            f"(one of {', '.join(packaged_configs())})")
+
+
 def load_config(path=None, overrides=()):
-    """A TrainConfig from a YAML / JSON file (any subset of the fields) and ``key=value``
-    overrides (the value is read as YAML: ``lr=3e-4``, ``size=[128,128]``, ``model.decoder_dim=48``)."""
+    """A TrainConfig from a YAML / JSON file (any subset of the fields) or a packaged config name
+    (:func:`packaged_configs`), and ``key=value`` overrides (the value is read as YAML: ``lr=3e-4``,
+    ``size=[128,128]``, ``model.decoder_dim=48``)."""
     import yaml
 
     d = {}
     if path is not None:
+        path = resolve_config(path)
         with open(path, encoding="utf-8") as f:
             d = yaml.safe_load(f) or {}
         if not isinstance(d, dict):

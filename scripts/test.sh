@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The test suite as CI runs it: build once, CPU tests, Triton tests in the interpreter,
-# the CUDA compile check. Extra arguments go to the CPU pytest run.
+# The test suite as CI runs it: build once (in .venv, scripts/setup.sh), CPU tests, Triton tests in the
+# interpreter, the CUDA compile check, the package smoke test. Extra arguments go to the CPU pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
 bash scripts/setup.sh
+source .venv/bin/activate  # python3, pytest and hmmn-vos below (and in subprocesses) are the venv's
 
 echo "== CPU tests"
 python3 -m pytest -q -m "not cuda and not triton" --durations=10 "$@"
@@ -14,5 +15,9 @@ TRITON_INTERPRET=1 python3 -m pytest -q -m "triton and not cuda" --durations=5
 
 echo "== CUDA compile check (nvcc, sm_80 + sm_90, no GPU needed)"
 if [ -f scripts/check_cuda_compile.sh ]; then bash scripts/check_cuda_compile.sh; else echo "no CUDA sources yet"; fi
+
+echo "== Package: sdist -> wheel (clean venv) -> install (fresh venv) -> smoke test outside the tree"
+# A release build whatever this run exports (smoke_package.sh unsets HMMN_OPS_CUDA_EMULATION too).
+(unset HMMN_OPS_CUDA_EMULATION; bash scripts/smoke_package.sh)
 
 echo "== all green in $((SECONDS - start)) s"

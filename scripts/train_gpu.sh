@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# configs/gpu.yaml on a lent GPU, one slice per device call (a call may run 10 minutes; the
+# hmmn_ops/configs/gpu.yaml on a lent GPU, one slice per device call (a call may run 10 minutes; the
 # machine stays warm 30 s between calls, and runs/ with it):
 #
 #   bash scripts/train_gpu.sh SECONDS [MINUTES]
@@ -27,7 +27,7 @@ for kv in ${SET:-}; do sets+=(--set "$kv"); done
 python3 -c "import hmmn_ops._C" 2>/dev/null || python3 -m pip install -q --no-build-isolation --no-deps -e . || exit
 if [ ! -f "$RUN/config.yaml" ]; then
     rm -rf "$RUN.probe"
-    python3 -m hmmn_ops.cli train --config configs/gpu.yaml --quiet --out "$RUN.probe" "${sets[@]}" \
+    python3 -m hmmn_ops.cli train --config gpu --quiet --out "$RUN.probe" "${sets[@]}" \
         --set pretrain_steps=0 --set main_steps=60 --set checkpoint_every=60 --set log_every=20 || exit
     # the last two 20-step windows: the first one holds CUDA's and the loaders' start
     steps=$(python3 - "$RUN.probe/log.csv" "$MINUTES" <<'PY'
@@ -44,7 +44,7 @@ else  # the sizes the first call chose (a resumed run must be given the same con
     read -r pretrain main <<<"$(python3 -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1]))
 print(c["pretrain_steps"], c["main_steps"])' "$RUN/config.yaml")"
 fi
-timeout "$SECONDS_OF_TRAINING" python3 -m hmmn_ops.cli train --config configs/gpu.yaml --quiet --out "$RUN" --resume "${sets[@]}" \
+timeout "$SECONDS_OF_TRAINING" python3 -m hmmn_ops.cli train --config gpu --quiet --out "$RUN" --resume "${sets[@]}" \
     --set "pretrain_steps=$pretrain" --set "main_steps=$main"
 trained=$?
 cp "$RUN/log.csv" "$RUN/loss.png" "$RUN/config.yaml" "$OUT"/ 2>/dev/null

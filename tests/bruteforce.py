@@ -1,4 +1,4 @@
-"""Tiny brute-force loops written straight from SPEC.md's formulas (float64, per element).
+"""Tiny brute-force loops written straight from the formulas of docs/ops.md (float64, per element).
 
 They are slow on purpose: no vectorisation that could share a bug with reference.py.
 """
@@ -8,7 +8,7 @@ import torch
 
 
 def logit(qk, mk, centers, sigma, scale, b, p, q):
-    """SPEC 1: logit[p, q] for batch b; p is a flat memory index, q a flat query index."""
+    """docs/ops.md section 1: logit[p, q] for batch b; p is a flat memory index, q a flat query index."""
     _, Ck, T, H, W = mk.shape
     t, rem = divmod(p, H * W)
     y, x = divmod(rem, W)

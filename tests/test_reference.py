@@ -1,4 +1,4 @@
-"""reference.py (and the public front on top of it) against brute-force loops from SPEC.md."""
+"""reference.py (and the public front on top of it) against brute-force loops from docs/ops.md."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Tracker (SPEC.md section 6): chaining, sigma schedules, official_compat, resets, errors."""
+"""Tracker (docs/ops.md section 6): chaining, sigma schedules, official_compat, resets, errors."""
 import pytest
 import torch
 
@@ -6,7 +6,7 @@ from hmmn_ops.tracking import Tracker
 
 
 def brute_local_track(memory_key, query_key, window):
-    """SPEC.md section 3 written as loops: windowed argmax, clipped to the frame, ties to the smaller index."""
+    """docs/ops.md section 3 written as loops: windowed argmax, clipped to the frame, ties to the smaller index."""
     B, C, H, W = memory_key.shape
     r = window // 2
     out = torch.empty(B, H, W, dtype=torch.int64)

@@ -194,17 +194,31 @@ def test_config_file_and_overrides(tmp_path):
     assert _datasets(tiny(occlusion_clips=0.25))[1].occlusions == 0.25
 
 
-CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "hmmn_ops", "configs", "*.yaml"))
+                 + glob.glob(os.path.join(ROOT, "configs", "experiments", "*.yaml")))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_in_configs_loads_and_holds_out_the_demo(path):
-    # a typo in a config only the GPU runs (configs/gpu.yaml) would otherwise cost a device call
+    # a typo in a config only the GPU runs (hmmn_ops/configs/gpu.yaml) would otherwise cost a device call
     from hmmn_ops.commands.demo import DEMO_SEED0
 
     cfg = load_config(path)
     HMMN(cfg.model_config())
     assert max(cfg.video_seeds[1], cfg.image_seeds[1]) <= DEMO_SEED0  # validation seeds (20000000+) lie above too
+
+
+def test_packaged_config_names(tmp_path):
+    from hmmn_ops.train import packaged_configs
+
+    assert {"release", "finetune", "long_clips", "prev_mask", "prior_res4", "gpu"} <= set(packaged_configs())
+    assert load_config("release") == load_config(os.path.join(ROOT, "hmmn_ops", "configs", "release.yaml"))
+    assert load_config("release.yaml") == load_config("release")
+    (tmp_path / "release").write_text("main_steps: 7\n")  # a file of that name wins over the packaged config
+    assert load_config(str(tmp_path / "release")).main_steps == 7
+    with pytest.raises(FileNotFoundError, match="not a packaged config name.*release"):
+        load_config("no_such_config")
 
 
 def test_longer_main_training_clips(tmp_path):

@@ -30,6 +30,8 @@ def run(args):
     cfg = hmmn_ops.BUILD_CONFIG
     rows.append(("built against", f"torch {cfg['torch_version']}, CUDA kernels: {cfg['cuda_built']}"
                  + (f" ({cfg['cuda_archs']})" if cfg["cuda_built"] else "")))
+    from hmmn_ops._build import NATIVE_REFUSAL
+    rows.append(("compiled kernels", "loaded" if NATIVE_REFUSAL is None else f"not loaded: {NATIVE_REFUSAL}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -1,7 +1,7 @@
 """Train an HMMN: static-image pretraining, then main training on videos (synthetic by default).
 
-  hmmn-vos train --config configs/release.yaml --out runs/release
-  hmmn-vos train --config configs/release.yaml --out runs/release --resume   # continue after a stop
+  hmmn-vos train --config release --out runs/release
+  hmmn-vos train --config release --out runs/release --resume   # continue after a stop
   hmmn-vos train --out runs/quick --set pretrain_steps=200 --set main_steps=400 --set lr=5e-4
   torchrun --nproc_per_node 2 -m hmmn_ops.cli train --config ... --out ...  # DDP (gloo on CPU, nccl on GPU)
 
@@ -19,7 +19,8 @@ REQUIRES = ("PIL", "tqdm", "yaml", "matplotlib")
 
 
 def add_arguments(p):
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of TrainConfig fields (the rest: defaults)")
+    p.add_argument("--config", metavar="FILE|NAME", help="YAML or JSON file of TrainConfig fields (the rest: defaults), "
+                   "or a packaged config: release, finetune, long_clips, prev_mask, prior_res4, gpu")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override a field, value read as YAML (repeatable): --set lr=3e-4 --set model.decoder_dim=48")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder")
