@@ -1,6 +1,6 @@
 """Baselines that hmmn_ops is measured against (see benchmarks/README.md).
 
-Two families, all taking the public-API arguments of ../shared/SPEC.md:
+Two families, all taking the public-API arguments of docs/ops.md:
 
 * ``naive_*`` — the papers' equations computed the way the released HMMN code does it
   (github.com/Hongje/HMMN, model.py, re-written here from its description, not copied):
@@ -150,7 +150,7 @@ def window_mask(H, W, window, device):
 
 
 def chain_centers(step, chain):
-    """Gaussian centres of every memory frame from the newest local track (SPEC 6).
+    """Gaussian centres of every memory frame from the newest local track (docs/ops.md section 6).
 
     step: (B, H, W) local_track of the previous (newest memory) frame into the query;
     chain: (B, T-1, H, W), for each pixel of an older memory frame the flat index of the
@@ -180,7 +180,7 @@ def _renormalised_read(affinity, gauss, memory_value, H, W, topk, topk_frames):
 
 def naive_kernel_read(query_key, memory_key, memory_value, centers=None, sigma=None, *,
                       scale=None, topk=0, topk_frames=None):
-    """Released-style kernel_guided_read with given centres (SPEC 1)."""
+    """Released-style kernel_guided_read with given centres (docs/ops.md section 1)."""
     B, Ck, H, W = query_key.shape
     p = _affinity(query_key, memory_key, _scale(scale, Ck))
     gauss = None

@@ -1,6 +1,6 @@
 """Op benchmark: hmmn_ops backends against naive released-style and dense PyTorch baselines.
 
-For every op of SPEC.md at the DAVIS shapes (HMMN's three levels), on the current device:
+For every op of docs/ops.md at the DAVIS shapes (HMMN's three levels), on the current device:
 median time, peak extra memory, max error against the float64 reference, and the speedup
 over each baseline. Prints a table, writes JSON (one record per backend x baseline row) and a
 PNG of time and memory against memory frames T. See benchmarks/README.md.
@@ -40,7 +40,7 @@ BACKENDS = ("native", "triton", "reference", "auto")
 BASELINES = ("naive", "dense", "bmm_softmax_bmm", "sdpa", "flex")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# HMMN's levels (SPEC.md "Reference numbers"): res4 read over T frames, top-k reads at res3/res2
+# HMMN's levels (docs/ops.md "Sizes to keep in mind"): res4 read over T frames, top-k reads at res3/res2
 # over the first and previous frame with the top-k of res4; "train" is a 384x384 crop, B=4.
 SHAPES = {
     "small": dict(res4=(6, 10), T=3, key4=16, val4=32, key3=16, val3=24, k3=4, key2=8, val2=16, k2=2),
@@ -161,7 +161,7 @@ class Builder:
         """The attention-kernel baselines that apply here: SDPA/Flex on CUDA, or when named."""
         return [(n, f) for n, f in names_and_fns if n in self.wanted and (self.cuda or self.explicit)]
 
-    # -- kernel_guided_read (SPEC 1)
+    # -- kernel_guided_read (docs/ops.md section 1)
     def read(self, s, T, variant, **case_kw):
         H, W = s["res4"]
         Ck, Cv, k = s["key4"], s["val4"], s["k3"]
@@ -227,7 +227,7 @@ class Builder:
         flops = 2 * B * M * HW * (Ck + Cv)
         return Case("kernel_guided_read", variant, shape, setup, (flops, "TFLOP/s"), **case_kw)
 
-    # -- topk_guided_read (SPEC 5): memory = first and previous frame, indices from res4's top-k
+    # -- topk_guided_read (docs/ops.md section 5): memory = first and previous frame, indices from res4's top-k
     def topk_shape(self, s, level):
         Hc, Wc = s["res4"]
         r = 2 if level == "res3" else 4
@@ -269,7 +269,7 @@ class Builder:
 
         return Case("topk_guided_read", level, d, setup, (self.topk_flops(d), "TFLOP/s"), **case_kw)
 
-    # -- local_track (SPEC 3)
+    # -- local_track (docs/ops.md section 3)
     def local(self, s, **case_kw):
         H, W = s["res4"]
         C, B = s["key4"], s.get("B", self.B)
@@ -286,7 +286,7 @@ class Builder:
         shape = dict(B=B, Ck=C, H=H, W=W, window=WINDOW)
         return Case("local_track", "", shape, setup, (2 * B * H * W * WINDOW ** 2 * C, "TFLOP/s"), **case_kw)
 
-    # -- global_track (SPEC 4)
+    # -- global_track (docs/ops.md section 4)
     def global_(self, s, T, **case_kw):
         H, W = s["res4"]
         C, B = s["key4"], s.get("B", self.B)
@@ -302,7 +302,7 @@ class Builder:
         shape = dict(B=B, Ck=C, T=T, H=H, W=W)
         return Case("global_track", "", shape, setup, (2 * B * T * (H * W) ** 2 * C, "TFLOP/s"), **case_kw)
 
-    # -- gaussian_softmax (SPEC 2)
+    # -- gaussian_softmax (docs/ops.md section 2)
     def gsoftmax(self, s, T, **case_kw):
         H, W = s["res4"]
         B, HW = s.get("B", self.B), H * W

@@ -1,4 +1,4 @@
-"""The public ops (SPEC.md): argument checks with clear messages, then one call.
+"""The public ops (docs/ops.md): argument checks with clear messages, then one call.
 
 Every check lives here, so every backend receives the canonical arguments of
 docs/internals.md. ``backend="auto"`` goes through ``torch.ops.hmmn_ops`` (one op for the
@@ -188,7 +188,7 @@ def _check_backend(backend):
 
 def kernel_guided_read(query_key, memory_key, memory_value, centers=None, sigma=None, *, scale=None, topk=0,
                        topk_frames=None, backend="auto"):
-    """Fused (Gaussian-)kernel-weighted memory read, SPEC.md section 1.
+    """Fused (Gaussian-)kernel-weighted memory read, docs/ops.md section 1.
 
     ``out[:, q] = sum_p softmax_p(logit[:, q]) * memory_value[:, p]`` with
     ``logit[p, q] = scale * <memory_key[p], query_key[q]> - |q - c(p)|^2 / (2 sigma[t(p)]^2)``
@@ -240,7 +240,7 @@ def kernel_guided_read(query_key, memory_key, memory_value, centers=None, sigma=
 
 
 def gaussian_softmax(affinity, centers, sigma, *, size, backend="auto"):
-    """``softmax(affinity + log-Gaussian bias, dim=1)``, SPEC.md section 2.
+    """``softmax(affinity + log-Gaussian bias, dim=1)``, docs/ops.md section 2.
 
     Drop-in for code that already holds the (scaled) affinity: one pass over the matrix
     instead of softmax, multiply by the Gaussian, sum and divide.
@@ -278,7 +278,7 @@ def _check_track_keys(memory_key, query_key):
 
 
 def local_track(memory_key, query_key, window=7, *, backend="auto"):
-    """Local-window tracking between adjacent frames, SPEC.md section 3.
+    """Local-window tracking between adjacent frames, docs/ops.md section 3.
 
     For every memory pixel (y, x): the flat query index ``qy * W + qx`` of the best match
     ``argmax <memory_key[:, y, x], query_key[:, qy, qx]>`` over ``|qy - y| <= window // 2``,
@@ -301,7 +301,7 @@ def local_track(memory_key, query_key, window=7, *, backend="auto"):
 
 
 def global_track(memory_key, query_key, *, backend="auto"):
-    """KMN's memory-to-query argmax, SPEC.md section 4: for every memory pixel the flat query
+    """KMN's memory-to-query argmax, docs/ops.md section 4: for every memory pixel the flat query
     index of ``argmax_q <memory_key[p], query_key[q]>`` (ties: smaller index), without
     materialising the affinity.
 
@@ -318,7 +318,7 @@ def global_track(memory_key, query_key, *, backend="auto"):
 
 def topk_guided_read(query_key, memory_key, memory_value, topk_indices, *, scale=None, topk_frames=None,
                      backend="auto"):
-    """Top-k guided sparse gather-and-attend, SPEC.md section 5.
+    """Top-k guided sparse gather-and-attend, docs/ops.md section 5.
 
     ``topk_indices`` (B, Hc*Wc, k) int64 index the coarse memory grid ``T*Hc*Wc``; each index
     stands for its ``r x r`` fine pixels (``r = H // Hc``, inferred). Every fine query attends,

@@ -346,7 +346,7 @@ def global_track(memory_key, query_key):
     return out.view(B, T, H, W)
 
 
-# ---------------------------------------------------------------- top-k guided read (SPEC 5)
+# ---------------------------------------------------------------- top-k guided read (docs/ops.md section 5)
 
 
 def _cell_layout(x, r):

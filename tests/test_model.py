@@ -12,7 +12,7 @@ from hmmn_ops.models import HMMN, HMMNConfig, ResNet, BackboneConfig, load_model
 from hmmn_ops.models import AdaptiveObjectAlignment, TemplateDecoder
 from hmmn_ops.models.hmmn import Memory, expand_query, pad_to_multiple, soft_aggregate, stack_memory, unpad
 
-# A copy of shared/official/hmmn_state_dict_keys.tsv: the released names and shapes.
+# A copy of the released checkpoint's key list: the released names and shapes.
 TSV = os.path.join(os.path.dirname(__file__), "data", "hmmn_state_dict_keys.tsv")
 TINY = dict(backbone="tiny", key_dims=(16, 16, 8), value_dims=(32, 16, 8), decoder_dim=32)
 

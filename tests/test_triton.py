@@ -377,7 +377,7 @@ def _assert_within_twice_pytorch_error(got, ref_same_dtype, truth, dtype, what):
     assert err <= 2 * ref_err + LOW_ATOL[dtype], f"{what}: error {err:.3g} vs reference error {ref_err:.3g} ({dtype})"
 
 
-LEVELS = {  # SPEC's HMMN table at DAVIS 480p (input padded to 480x864)
+LEVELS = {  # docs/ops.md's HMMN table at DAVIS 480p (input padded to 480x864)
     "res4": dict(B=2, Ck=128, Cv=512, T=4, H=30, W=54),
     "res3": dict(B=2, Ck=128, Cv=256, T=2, H=60, W=108, r=2, k=32),
     "res2": dict(B=1, Ck=64, Cv=128, T=2, H=120, W=216, r=4, k=8),

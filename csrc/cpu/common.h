@@ -131,7 +131,7 @@ inline at::ScalarType compute_dtype(at::ScalarType s) { return s == at::kDouble 
 // Contiguous copy in the compute dtype (no copy when it already is).
 inline at::Tensor to_compute(const at::Tensor& t) { return t.to(compute_dtype(t.scalar_type())).contiguous(); }
 
-// The accumulation dtype of SPEC.md (float64 for float64, float32 otherwise): what lse uses.
+// The accumulation dtype of docs/ops.md (float64 for float64, float32 otherwise): what lse uses.
 inline at::ScalarType acc_dtype(at::ScalarType s) { return compute_dtype(s); }
 
 template <typename F>

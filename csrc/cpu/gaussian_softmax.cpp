@@ -1,4 +1,4 @@
-// gaussian_softmax (SPEC 2) and its backward on CPU.
+// gaussian_softmax (docs/ops.md section 2) and its backward on CPU.
 #include "common.h"
 
 #define HMMN_KERNELS "gaussian_softmax_kernels.h"

@@ -1,4 +1,4 @@
-// Hot loops of gaussian_softmax (SPEC 2), compiled once per ISA by isa.h.
+// Hot loops of gaussian_softmax (docs/ops.md section 2), compiled once per ISA by isa.h.
 //
 // A task owns a slab of n consecutive query columns [q0, q0 + n) of one batch item (wide
 // enough that each row segment spans many cache lines: strided narrow slabs thrash the TLB).

@@ -1,4 +1,4 @@
-// kernel_guided_read (SPEC 1) and its backward on CPU: flash-style, never the T*H*W x H*W
+// kernel_guided_read (docs/ops.md section 1) and its backward on CPU: flash-style, never the T*H*W x H*W
 // affinity. Tiles of scores come from BLAS (at::mm on raw-memory views, one thread each);
 // the Gaussian bias, online softmax and streaming top-k run on the tile while it is in cache.
 #include "common.h"

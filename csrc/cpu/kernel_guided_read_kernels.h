@@ -1,4 +1,4 @@
-// Element-wise passes of kernel_guided_read (SPEC 1) and its backward, compiled once per ISA
+// Element-wise passes of kernel_guided_read (docs/ops.md section 1) and its backward, compiled once per ISA
 // by isa.h. The matrix products around them go to BLAS (at::mm) in kernel_guided_read.cpp.
 //
 // Gaussian term of memory position p for query q = (qy, qx), as reference.py computes it:

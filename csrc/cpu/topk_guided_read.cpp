@@ -1,4 +1,4 @@
-// topk_guided_read (SPEC 5) and its backward on CPU.
+// topk_guided_read (docs/ops.md section 5) and its backward on CPU.
 //
 // Forward: a task is a group of up to kCellGroup neighbouring coarse cells. Their k*r*r
 // candidate rows of the channel-last keys and values are copied once into per-task buffers

@@ -1,4 +1,4 @@
-// Hot loops of topk_guided_read (SPEC 5) and its backward, compiled once per ISA by isa.h.
+// Hot loops of topk_guided_read (docs/ops.md section 5) and its backward, compiled once per ISA by isa.h.
 //
 // A coarse cell has rr = r*r fine queries and m = k*r*r fine candidates. Keys and values are
 // channel-last rows (kt[p * Ck + c], vt[p * Cv + c]); `fine` lists the cell's m candidate rows.

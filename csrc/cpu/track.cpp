@@ -1,4 +1,4 @@
-// local_track (SPEC 3) and global_track (SPEC 4) on CPU.
+// local_track (docs/ops.md section 3) and global_track (docs/ops.md section 4) on CPU.
 #include "common.h"
 
 #define HMMN_KERNELS "track_kernels.h"

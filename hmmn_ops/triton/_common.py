@@ -33,7 +33,7 @@ def tuning(half, interpreted, full=None, width_arg="q_ptr"):
 
 
 def check_supported(x, op):
-    """float64 runs in the interpreter (tests) only: SPEC asks float16/bfloat16/float32 of CUDA.
+    """float64 runs in the interpreter (tests) only: docs/ops.md asks float16/bfloat16/float32 of CUDA.
     bfloat16 does not run in the interpreter: its tl.dot on bfloat16 returns garbage (values
     around 1e9; an upstream interpreter bug), so it is refused rather than wrong."""
     if x.is_cuda and x.dtype == torch.float64:
@@ -165,7 +165,7 @@ def saturate(x):
 @triton.jit
 def rank_key(logit, index, IDX_BITS: tl.constexpr):
     """int64 keys whose order is (logit, then smaller index): descending key order is the top-k
-    order of SPEC 1. float32 logits keep all their bits (IDX_BITS = 32). float64 logits lose their
+    order of docs/ops.md section 1. float32 logits keep all their bits (IDX_BITS = 32). float64 logits lose their
     lowest IDX_BITS mantissa bits to the index, so logits closer than about 2^(IDX_BITS-52)
     relative count as tied."""
     logit = tl.where(logit == 0, 0.0, logit)  # -0.0 ties with +0.0, as in torch.sort

@@ -1,4 +1,4 @@
-"""kernel_guided_read (SPEC 1) in Triton: flash-style forward with the Gaussian bias, top-k,
+"""kernel_guided_read (docs/ops.md section 1) in Triton: flash-style forward with the Gaussian bias, top-k,
 and the flash-style backward (P recomputed from lse).
 
 Layouts (views of the inputs, any strides): queries (B, Ck, N) with N = H*W, memory keys

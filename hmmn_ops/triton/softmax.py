@@ -1,4 +1,4 @@
-"""gaussian_softmax (SPEC 2) and its backward in Triton.
+"""gaussian_softmax (docs/ops.md section 2) and its backward in Triton.
 
 One program = (block of query columns, batch). Softmax runs down dim 1 (memory), so each
 program makes two passes over its columns: running max / sum, then the normalised write

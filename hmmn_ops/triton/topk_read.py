@@ -1,4 +1,4 @@
-"""topk_guided_read (SPEC 5) in Triton: gather-and-attend over each coarse cell's candidates.
+"""topk_guided_read (docs/ops.md section 5) in Triton: gather-and-attend over each coarse cell's candidates.
 
 A coarse cell has only r*r fine queries (4 at res3), too few for a tl.dot tile, so one program
 packs CELLS cells: its ROWS = CELLS * RR_PAD query rows (RR_PAD = r*r rounded up to a power of

@@ -1,4 +1,4 @@
-"""local_track (SPEC 3) and global_track (SPEC 4) in Triton: fused dot product + argmax.
+"""local_track (docs/ops.md section 3) and global_track (docs/ops.md section 4) in Triton: fused dot product + argmax.
 
 Ties go to the smaller flat query index: candidates are visited in increasing index order and
 only a strictly larger score replaces the best (tl.argmax breaks ties to the left inside a block).
