@@ -5,11 +5,15 @@ docs/internals.md. ``backend="auto"`` goes through ``torch.ops.hmmn_ops`` (one o
 dispatcher, autograd and torch.compile); a forced backend runs that backend's
 implementation under the same backward formula (see backends.py).
 """
+from __future__ import annotations
+
 import math
 import numbers
 import operator
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from .backends import BACKENDS, call
 
@@ -186,8 +190,10 @@ def _check_backend(backend):
 # ---------------------------------------------------------------- the ops
 
 
-def kernel_guided_read(query_key, memory_key, memory_value, centers=None, sigma=None, *, scale=None, topk=0,
-                       topk_frames=None, backend="auto"):
+def kernel_guided_read(query_key: Tensor, memory_key: Tensor, memory_value: Tensor, centers: Optional[Tensor] = None,
+                       sigma: Union[float, Tensor, None] = None, *, scale: Optional[float] = None, topk: int = 0,
+                       topk_frames: Optional[Sequence[int]] = None,
+                       backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Fused (Gaussian-)kernel-weighted memory read, docs/ops.md section 1.
 
     ``out[:, q] = sum_p softmax_p(logit[:, q]) * memory_value[:, p]`` with
@@ -210,7 +216,7 @@ def kernel_guided_read(query_key, memory_key, memory_value, centers=None, sigma=
             negative index counts from the end, a repeat counts once (``(0, -1)`` serves every
             T). Returned indices point into their concatenation: ``j * H * W + y * W + x`` for
             the j-th distinct listed frame.
-        backend: "auto" | "reference" | "native" | "triton".
+        backend: "auto" | "reference" | "native" | "triton" | "cuda_emulated" (docs/ops.md, Backends).
 
     Returns:
         ``out`` (B, Cv, H, W), or ``(out, topk_indices (B, H*W, topk) int64)`` if ``topk > 0``.
@@ -239,7 +245,8 @@ def kernel_guided_read(query_key, memory_key, memory_value, centers=None, sigma=
     return (out, indices) if topk > 0 else out
 
 
-def gaussian_softmax(affinity, centers, sigma, *, size, backend="auto"):
+def gaussian_softmax(affinity: Tensor, centers: Tensor, sigma: Union[float, Tensor], *, size: Tuple[int, int],
+                     backend: str = "auto") -> Tensor:
     """``softmax(affinity + log-Gaussian bias, dim=1)``, docs/ops.md section 2.
 
     Drop-in for code that already holds the (scaled) affinity: one pass over the matrix
@@ -250,6 +257,10 @@ def gaussian_softmax(affinity, centers, sigma, *, size, backend="auto"):
         centers: (B, T, H, W) int64 flat query indices, or -1 for no Gaussian.
         sigma: (T,), (B, T) or a number, > 0.
         size: (H, W) of the grid.
+        backend: as for kernel_guided_read.
+
+    Returns:
+        (B, T*H*W, H*W), the affinity's dtype: each column (query) sums to 1 over memory.
     """
     _tensor("affinity", affinity, 3, "(B, T*H*W, H*W)")
     _floating("affinity", affinity)
@@ -277,7 +288,7 @@ def _check_track_keys(memory_key, query_key):
         raise ValueError(f"query_key: expected C >= 1 key channels, got shape {_shape(query_key)}")
 
 
-def local_track(memory_key, query_key, window=7, *, backend="auto"):
+def local_track(memory_key: Tensor, query_key: Tensor, window: int = 7, *, backend: str = "auto") -> Tensor:
     """Local-window tracking between adjacent frames, docs/ops.md section 3.
 
     For every memory pixel (y, x): the flat query index ``qy * W + qx`` of the best match
@@ -285,7 +296,14 @@ def local_track(memory_key, query_key, window=7, *, backend="auto"):
     ``|qx - x| <= window // 2`` inside the frame. Ties go to the smaller index. A window
     larger than the frame is the whole frame.
 
-    Returns: (B, H, W) int64.
+    Args:
+        memory_key: (B, C, H, W), the earlier frame's key.
+        query_key: (B, C, H, W), the next frame's key.
+        window: positive odd int, the side of the search window.
+        backend: as for kernel_guided_read.
+
+    Returns:
+        (B, H, W) int64 flat query indices ``qy * W + qx``.
     """
     _tensor("memory_key", memory_key, 4, "(B, C, H, W)")
     memory_key, query_key = _same_dtype_under_autocast(memory_key, query_key)
@@ -300,12 +318,18 @@ def local_track(memory_key, query_key, window=7, *, backend="auto"):
     return call("local_track", backend, query_key.device, (memory_key, query_key, window))
 
 
-def global_track(memory_key, query_key, *, backend="auto"):
+def global_track(memory_key: Tensor, query_key: Tensor, *, backend: str = "auto") -> Tensor:
     """KMN's memory-to-query argmax, docs/ops.md section 4: for every memory pixel the flat query
     index of ``argmax_q <memory_key[p], query_key[q]>`` (ties: smaller index), without
     materialising the affinity.
 
-    Returns: (B, T, H, W) int64.
+    Args:
+        memory_key: (B, C, T, H, W).
+        query_key: (B, C, H, W).
+        backend: as for kernel_guided_read.
+
+    Returns:
+        (B, T, H, W) int64 flat query indices ``y * W + x``.
     """
     _tensor("memory_key", memory_key, 5, "(B, C, T, H, W)")
     memory_key, query_key = _same_dtype_under_autocast(memory_key, query_key)
@@ -316,8 +340,9 @@ def global_track(memory_key, query_key, *, backend="auto"):
     return call("global_track", backend, query_key.device, (memory_key, query_key))
 
 
-def topk_guided_read(query_key, memory_key, memory_value, topk_indices, *, scale=None, topk_frames=None,
-                     backend="auto"):
+def topk_guided_read(query_key: Tensor, memory_key: Tensor, memory_value: Tensor, topk_indices: Tensor, *,
+                     scale: Optional[float] = None, topk_frames: Optional[Sequence[int]] = None,
+                     backend: str = "auto") -> Tensor:
     """Top-k guided sparse gather-and-attend, docs/ops.md section 5.
 
     ``topk_indices`` (B, Hc*Wc, k) int64 index the coarse memory grid ``T*Hc*Wc``; each index
@@ -329,7 +354,18 @@ def topk_guided_read(query_key, memory_key, memory_value, topk_indices, *, scale
     (same rules: negative indices count from the end, a repeat counts once). The indices then
     point into the concatenation of those frames of the whole memory, which is passed as is.
 
-    Returns: (B, Cv, H, W).
+    Args:
+        query_key: (B, Ck, H, W), fine scale.
+        memory_key: (B, Ck, T, H, W), fine scale.
+        memory_value: (B, Cv, T, H, W).
+        topk_indices: (B, Hc*Wc, k) int64 into the coarse grid (``T*Hc*Wc``, or
+            ``len(distinct topk_frames)*Hc*Wc`` with ``topk_frames``); a duplicate counts twice.
+        scale: defaults to ``1 / sqrt(Ck)``.
+        topk_frames: None, or the frames the indices were computed over (see above).
+        backend: as for kernel_guided_read.
+
+    Returns:
+        (B, Cv, H, W), the inputs' dtype.
     """
     query_key, memory_key, memory_value = _same_dtype_under_autocast(query_key, memory_key, memory_value)
     B, Ck, T, H, W = _check_read_inputs(query_key, memory_key, memory_value)
@@ -377,8 +413,10 @@ def _check_memory_read_tensor(name, x, layout, like=None, like_name="query_key")
     _floating(name, x, like, like_name)
 
 
-def memory_read(query_key, memory_key, memory_value, *, similarity="dot", memory_shrinkage=None,
-                query_selection=None, scale=None, topk=0, return_usage=False, backend="auto"):
+def memory_read(query_key: Tensor, memory_key: Tensor, memory_value: Tensor, *, similarity: str = "dot",
+                memory_shrinkage: Optional[Tensor] = None, query_selection: Optional[Tensor] = None,
+                scale: Optional[float] = None, topk: int = 0, return_usage: bool = False,
+                backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Fused memory read of STCN / XMem / Cutie / DEVA / AOT, docs/ops.md section 7.
 
     Memory and query are flat lists of tokens whatever their trailing shape (``*M``, ``*Q``:
@@ -404,11 +442,16 @@ def memory_read(query_key, memory_key, memory_value, *, similarity="dot", memory
         scale: defaults to ``1 / sqrt(Ck)``.
         topk: 0 (full softmax) or ``1 <= topk <= Nm`` (softmax over each query's top-k).
         return_usage: also return ``usage`` (B, *M), not differentiable.
-        backend: "auto" | "reference" | "native" | "triton".
+        backend: as for kernel_guided_read.
 
     Returns:
         ``out`` (B, Cv, *Q), or ``(out, usage (B, *M))`` when ``return_usage``.
     """
+    present = [x for x in (query_key, memory_key, memory_value, memory_shrinkage, query_selection) if x is not None]
+    cast = iter(_same_dtype_under_autocast(*present))
+    query_key, memory_key, memory_value = next(cast), next(cast), next(cast)
+    memory_shrinkage = None if memory_shrinkage is None else next(cast)
+    query_selection = None if query_selection is None else next(cast)
     _check_memory_read_tensor("query_key", query_key, "(B, Ck, *Q)")
     _check_memory_read_tensor("memory_key", memory_key, "(B, Ck, *M)", query_key)
     _check_memory_read_tensor("memory_value", memory_value, "(B, Cv, *M)", query_key)

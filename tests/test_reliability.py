@@ -398,6 +398,22 @@ def test_autocast_casts_to_the_widest_dtype():
         hmmn_ops.kernel_guided_read(q, k, v)  # outside autocast: one dtype
 
 
+def test_autocast_casts_memory_read_inputs_to_the_widest_dtype():
+    q = torch.randn(1, 3, 5, dtype=torch.bfloat16)
+    k, v = torch.randn(1, 3, 7), torch.randn(1, 2, 7)
+    w, e = torch.rand(1, 1, 7, dtype=torch.bfloat16) + 0.5, torch.rand(1, 3, 5) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, usage = hmmn_ops.memory_read(q, k, v, similarity="l2", memory_shrinkage=w, query_selection=e, topk=3,
+                                          return_usage=True)
+    assert out.dtype == usage.dtype == torch.float32
+    want, want_usage = hmmn_ops.memory_read(q.float(), k, v, similarity="l2", memory_shrinkage=w.float(),
+                                            query_selection=e, topk=3, return_usage=True)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(usage, want_usage)
+    with pytest.raises(ValueError, match="memory_key"):
+        hmmn_ops.memory_read(q, k, v)  # outside autocast: one dtype
+
+
 @pytest.mark.parametrize("backend", cpu_backends("kernel_guided_read"))
 def test_topk_frames_negative_and_repeated(backend):
     q, k, v = _read(dtype=F, T=3)
