@@ -213,6 +213,18 @@ def test_4_huge_scale_gives_no_nan(backend):
     assert idx.min() >= 0 and idx.max() < 24
 
 
+@pytest.mark.parametrize("backend", cpu_backends("memory_read"))
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+@pytest.mark.parametrize("topk", [0, 4])
+def test_4_memory_read_huge_scale_gives_no_nan(backend, similarity, topk):
+    q, k, v = torch.randn(2, 3, 9), torch.randn(2, 3, 30), torch.randn(2, 4, 30)
+    out, usage = hmmn_ops.memory_read(q, k, v, similarity=similarity, scale=1e38, topk=topk, return_usage=True,
+                                      backend=backend)
+    assert out.isfinite().all() and usage.isfinite().all()
+    lo, hi = v.min(-1).values, v.max(-1).values  # still a convex combination of the values
+    assert (out >= lo[..., None] - 1e-5).all() and (out <= hi[..., None] + 1e-5).all()
+
+
 # ---------------------------------------------------------------- 5. local_track window
 
 

@@ -4,13 +4,14 @@
 // Every similarity is brought to one affine form of a block product G = Ka^T Qa:
 //   s[p, q] = u[p] * (G[p, q] + kb[p] + qb[q])
 // (memory_read.cpp builds Ka, Qa, u, kb, qb), so these loops never branch on the similarity.
+// Scores saturate at +-LOGIT_BOUND like every read's (simd.h saturate): no inf - inf = NaN.
 #include "read_kernels.h"
 
 // One query's scores against n memory positions, in place: g[i] -> s[i].
 template <typename T>
 void affine_row(T* g, int64_t n, const T* u, const T* kb, T qb) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) g[i] = u[i] * (g[i] + kb[i] + qb);
+  for (int64_t i = 0; i < n; ++i) g[i] = saturate(u[i] * (g[i] + kb[i] + qb));
 }
 
 // One memory position against n queries, in place: g[j] -> P = exp(s[j] - lse[j]); returns the
@@ -20,7 +21,7 @@ T affine_col_probs(T* g, int64_t n, T u, T kb, const T* qb, const T* lse) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    const T p = fast_exp(u * (g[j] + kb + qb[j]) - lse[j]);
+    const T p = fast_exp(saturate(u * (g[j] + kb + qb[j])) - lse[j]);
     g[j] = p;
     sum += p;
   }
@@ -36,7 +37,7 @@ void affine_col_grad(T* g, T* dp, int64_t n, T u, T kb, const T* qb, const T* ls
 #pragma omp simd reduction(+ : su, sk)
   for (int64_t j = 0; j < n; ++j) {
     const T d = g[j] + kb + qb[j];
-    const T p = fast_exp(u * d - lse[j]);
+    const T p = fast_exp(saturate(u * d) - lse[j]);
     const T ds = p * (dp[j] - delta[j]);
     g[j] = p;
     dp[j] = u * ds;
@@ -95,7 +96,7 @@ void topk_grad_query(const T* qa_q, const T* do_q, T qb, T lse, T delta, const i
   for (int64_t j = 0; j < k; ++j) {
     const int64_t p = idx[j];
     const T d = dot(kat + p * Ca, qa_q, Ca) + kb[p] + qb;
-    const T prob = fast_exp(u[p] * d - lse);
+    const T prob = fast_exp(saturate(u[p] * d) - lse);
     const T ds = prob * (dot(vt + p * Cv, do_q, Cv) - delta);
     p_out[j] = prob;
     t_out[j] = u[p] * ds;

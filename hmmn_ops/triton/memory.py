@@ -39,6 +39,7 @@ from ._common import (
     pow2,
     rank_index,
     rank_key,
+    saturate,
     scale_tensor,
     tl_acc,
     topk_merge,
@@ -104,7 +105,7 @@ def _scores(a, b, e, w, scale, L2: tl.constexpr, HAS_E: tl.constexpr, HAS_W: tl.
     else:
         d2 = tl.zeros([a.shape[0], b.shape[1]], ACC)
         s = dot(a, b, ACC, PRECISION) * scale
-    return s, d2
+    return saturate(s), d2
 
 
 # ---------------------------------------------------------------- forward
@@ -214,7 +215,7 @@ def _gathered(q_ptr, e_ptr, k_ptr, w_ptr, idx_ptr, b, q, q_mask, j, ck, ck_mask,
     else:
         d2 = tl.zeros([q.shape[0]], ACC)
         s = tl.sum(qt * kt, axis=1) * scale
-    return pos, kt, qt, et, w, d2, s
+    return pos, kt, qt, et, w, d2, saturate(s)
 
 
 @triton.jit
