@@ -1,41 +1,32 @@
-// The CUDA emulator's runtime (emulator.h): thread pool, blocks, barriers, warp exchange,
-// shared memory, launch checks and the runtime API subset the kernels and glue call.
+// The CUDA emulator's runtime (emulator.h): fibers, blocks, barriers, warp exchange, shared
+// memory, launch checks and the runtime API subset the kernels and glue call.
 //
-// Threads of a block are host threads of a persistent pool; everything they share (barrier,
-// warp exchanges, shared-memory table) sits behind one mutex per block, so ThreadSanitizer sees
-// exactly the ordering CUDA gives: __syncthreads and __syncwarp order memory, and in the strict
-// warp mode (default under TSan; HMMN_EMU_STRICT_WARP=0|1) shuffles and ballots do not, so a
-// race between lanes through memory that only a shuffle separates is reported.
+// A block's CUDA threads are fibers (ucontext) on the launching host thread: a fiber runs until
+// it waits at a barrier or warp operation, or exits; then the next ready one runs. Cheap
+// (no OS scheduling), deterministic, and deadlocks are plain to see (no fiber ready). Under
+// ThreadSanitizer each CUDA thread is a TSan fiber, switches order nothing, and exactly what CUDA
+// orders is ordered: __syncthreads and __syncwarp; in the strict warp mode (default under TSan,
+// HMMN_EMU_STRICT_WARP=0|1) shuffles and ballots do not, so a race between lanes through memory
+// that only a shuffle separates is reported.
 #include "emulator/emulator.h"
 
-#include <dlfcn.h>
 #include <cxxabi.h>
+#include <dlfcn.h>
+#include <ucontext.h>
 
 #include <algorithm>
 #include <chrono>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <new>
-#include <numeric>
 #include <random>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
-
-#if defined(__SANITIZE_THREAD__)
-extern "C" void AnnotateIgnoreSyncBegin(const char* file, int line);
-extern "C" void AnnotateIgnoreSyncEnd(const char* file, int line);
-extern "C" void AnnotateIgnoreReadsBegin(const char* file, int line);
-extern "C" void AnnotateIgnoreReadsEnd(const char* file, int line);
-extern "C" void AnnotateIgnoreWritesBegin(const char* file, int line);
-extern "C" void AnnotateIgnoreWritesEnd(const char* file, int line);
-#endif
 
 namespace hmmn_emu {
 namespace {
@@ -49,7 +40,6 @@ int64_t env_int(const char* name, int64_t fallback) {
   return v && *v ? std::strtoll(v, nullptr, 10) : fallback;
 }
 
-struct Abort {};  // unwinds a thread of a failed block
 struct ProbeDone {};
 
 std::string kernel_name(const void* kernel) {
@@ -66,10 +56,40 @@ std::string kernel_name(const void* kernel) {
   return os.str();
 }
 
+// ThreadSanitizer: each CUDA thread is a TSan fiber; switches between them carry no ordering,
+// barriers and __syncwarp order memory through release/acquire on a per-block/warp address,
+// and the emulator's own bookkeeping is invisible (Internal).
+#if defined(__SANITIZE_THREAD__)
+extern "C" {
+void* __tsan_get_current_fiber();
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
+void AnnotateIgnoreReadsBegin(const char* file, int line);
+void AnnotateIgnoreReadsEnd(const char* file, int line);
+void AnnotateIgnoreWritesBegin(const char* file, int line);
+void AnnotateIgnoreWritesEnd(const char* file, int line);
+}
+struct Internal {
+  Internal() { AnnotateIgnoreReadsBegin(__FILE__, __LINE__), AnnotateIgnoreWritesBegin(__FILE__, __LINE__); }
+  ~Internal() { AnnotateIgnoreWritesEnd(__FILE__, __LINE__), AnnotateIgnoreReadsEnd(__FILE__, __LINE__); }
+};
+void tsan_acquire(void* a) { __tsan_acquire(a); }
+void tsan_release(void* a) { __tsan_release(a); }
+#else
+struct Internal {
+  ~Internal() {}  // (non-trivial: no unused-variable warnings)
+};
+void tsan_acquire(void*) {}
+void tsan_release(void*) {}
+#endif
+
 struct Buffer {  // poisoned, exactly sized (ASan sees overflows), aligned
   void* p = nullptr;
   size_t align = 16;
   Buffer(size_t bytes, size_t a) : align(std::max<size_t>(a, 16)) {
+    const Internal quiet;  // the poison is not an access of the kernel's
     p = ::operator new(std::max<size_t>(bytes, 1), std::align_val_t(align));
     auto* w = static_cast<unsigned char*>(p);
     for (size_t i = 0; i < bytes; ++i) w[i] = static_cast<unsigned char>(kPoison >> (8 * (i % 4)));
@@ -114,62 +134,46 @@ int strict_warp() {
   return strict;
 }
 
-// Runs `fn` with ThreadSanitizer blind to its synchronisation and memory accesses (strict warp
-// mode): a warp exchange still waits for every lane but orders nothing.
-template <typename F> void unordered(bool on, F&& fn) {
-#if defined(__SANITIZE_THREAD__)
-  if (on) {
-    AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
-    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
-    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
-  }
-  struct End {
-    bool on;
-    ~End() {
-      if (on) {
-        AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
-        AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
-        AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
-      }
-    }
-  } end{on};
-  fn();
-#else
-  (void)on;
-  fn();
-#endif
-}
+struct Abort {};  // unwinds a fiber of a failed block
 
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// A block in flight.
+// A block in flight: one fiber (ucontext) per CUDA thread on the launching host thread. A fiber
+// runs until it waits (barrier, warp operation) or exits; the next ready fiber runs then.
+struct Fiber {
+  ucontext_t ctx;
+  Thread t;
+  bool ready = true, done = false;
+  void* tsan = nullptr;
+};
+
 struct Block {
   struct Warp {
     int lanes = 0, exited = 0, arrived = 0;
-    uint64_t gen = 0;
     const char* op = nullptr;
     const char* file = nullptr;
     int line = 0;
-    unsigned mask = 0;
-    std::atomic<uint64_t> vals[2][32];
-    std::condition_variable cv;
+    uint64_t vals[32], result[32];
+    int waiters[32];
+    char sync;  // TSan ordering address of __syncwarp (and of shuffles outside strict mode)
   };
-  std::mutex mu;
-  std::condition_variable cv;  // the block barrier
   const KernelInfo* kernel;
   dim3 grid, dim, idx;
-  int nthreads = 0, exited = 0, blocked = 0;
+  int nthreads = 0, exited = 0, cur = 0;
+  Fiber* fibers;
+  ucontext_t main;
+  void* main_tsan = nullptr;
   int bar_arrived = 0;
-  uint64_t bar_gen = 0;
   const char* bar_file = nullptr;
   int bar_line = 0;
-  std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<int> bar_waiters;
+  char bar_sync, start_sync, end_sync;  // TSan ordering addresses
+  std::vector<Warp> warps;
   std::map<const void*, std::unique_ptr<Buffer>> smem;
   std::unique_ptr<Buffer> dyn;
   bool failed = false;
   std::string error;
-  std::chrono::seconds watchdog;
 
   std::string where(const Thread& t) const {
     std::ostringstream os;
@@ -178,35 +182,54 @@ struct Block {
     return os.str();
   }
 
-  // Records the first error and wakes every waiting thread, which then unwinds (Abort).
+  // Records the first error; every waiting fiber is resumed and unwinds (Abort).
   void fail(const std::string& msg) {
     if (!failed) {
       failed = true;
       error = msg;
     }
-    cv.notify_all();
-    for (auto& w : warps) w->cv.notify_all();
+    for (int i = 0; i < nthreads; ++i)
+      if (!fibers[i].done) fibers[i].ready = true;
   }
 
-  // All live threads wait and nothing can complete: a deadlock (e.g. lanes of one warp at a
-  // shuffle while another lane is at __syncthreads).
-  void check_deadlock(const Thread& t, const char* what) {
-    if (nthreads > exited && blocked == nthreads - exited && !failed)
-      fail(where(t) + ": deadlock: every thread of the block waits and none can proceed (last: " + what + ")");
-  }
-
-  template <typename Pred> void wait(std::unique_lock<std::mutex>& lk, std::condition_variable& c, const Thread& t,
-                                     const char* what, Pred done) {
-    ++blocked;
-    check_deadlock(t, what);
-    const auto deadline = std::chrono::steady_clock::now() + watchdog;
-    while (!done() && !failed) {
-      if (c.wait_until(lk, deadline) == std::cv_status::timeout && !done() && !failed)
-        fail(where(t) + ": watchdog: " + what + " not completed within " + std::to_string(watchdog.count()) +
-             " s (a hang)");
+  // Leaves fiber `cur` (waiting or exited) for the next ready one, or the launcher when all
+  // are done. Every live fiber waiting and none ready: a deadlock.
+  void switch_next() {
+    Fiber& me = fibers[cur];
+    int next = -1;
+    for (int k = 1; k <= nthreads && next < 0; ++k) {
+      const int i = (cur + k) % nthreads;
+      if (fibers[i].ready && !fibers[i].done) next = i;
     }
-    if (failed) throw Abort{};  // (the thread completing an operation un-counts its waiters)
+    if (next < 0 && exited < nthreads) {
+      fail(where(me.t) + ": deadlock: every thread of the block waits and none can proceed");
+      return switch_next();
+    }
+    if (next == cur) return;
+    const int from = cur;
+    if (next < 0) {
+#if defined(__SANITIZE_THREAD__)
+      __tsan_switch_to_fiber(main_tsan, 0);
+#endif
+      swapcontext(&fibers[from].ctx, &main);
+      return;  // not reached: a done fiber is never resumed
+    }
+    cur = next;
+    tls_set(&fibers[next].t);
+#if defined(__SANITIZE_THREAD__)
+    __tsan_switch_to_fiber(fibers[next].tsan, 1 /* no sync: only barriers order memory */);
+#endif
+    swapcontext(&fibers[from].ctx, &fibers[next].ctx);
   }
+
+  // The calling fiber waits until a completer marks it ready.
+  void wait() {
+    fibers[cur].ready = false;
+    switch_next();
+    if (failed) throw Abort{};
+  }
+
+  static void tls_set(Thread* t);
 };
 
 namespace {
@@ -216,59 +239,51 @@ thread_local bool probing = false;
 thread_local size_t probe_bytes = 0;
 thread_local std::vector<std::unique_ptr<Buffer>>* probe_buffers = nullptr;
 
-// Persistent workers: worker i runs thread i of each block.
-class Pool {
- public:
-  void run(int n, const std::function<void(int)>& job, std::chrono::seconds watchdog) {
-    std::unique_lock<std::mutex> lk(mu_);
-    while (int(threads_.size()) < n) {
-      std::thread(&Pool::worker, this, int(threads_.size())).detach();
-      threads_.push_back(0);
-    }
-    job_ = &job;
-    n_ = n;
-    done_ = 0;
-    ++gen_;
-    start_.notify_all();
-    // Barriers and warp operations have their own watchdog; this one catches a thread that
-    // loops without reaching either. Its block cannot be abandoned safely: abort with a message.
-    if (!done_cv_.wait_for(lk, watchdog, [&] { return done_ == n_; })) {
-      std::fprintf(stderr, "hmmn_emu: watchdog: a block did not finish within %lld s (a thread loops without "
-                   "reaching a barrier); aborting\n", (long long)watchdog.count());
-      std::abort();
-    }
-    job_ = nullptr;
-  }
+std::mutex launch_mu;  // one launch at a time
 
- private:
-  void worker(int i) {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> lk(mu_);
-    for (;;) {
-      start_.wait(lk, [&] { return gen_ != seen; });
-      seen = gen_;
-      if (i >= n_) continue;
-      const auto* job = job_;
-      lk.unlock();
-      (*job)(i);
-      lk.lock();
-      if (++done_ == n_) done_cv_.notify_one();
-    }
+// Stacks and TSan fibers, reused by every block.
+struct FiberPool {
+  static constexpr size_t kStack = 256 << 10;
+  std::vector<std::unique_ptr<char[]>> stacks;
+  std::vector<Fiber> fibers;
+  Fiber* get(int n) {
+    if (int(fibers.size()) < n) fibers.resize(size_t(n));
+    while (int(stacks.size()) < n) stacks.emplace_back(new char[kStack]);
+#if defined(__SANITIZE_THREAD__)
+    for (auto& f : fibers)
+      if (!f.tsan) f.tsan = __tsan_create_fiber(0);
+#endif
+    return fibers.data();
   }
-  std::mutex mu_;
-  std::condition_variable start_, done_cv_;
-  std::vector<char> threads_;
-  const std::function<void(int)>* job_ = nullptr;
-  int n_ = 0, done_ = 0;
-  uint64_t gen_ = 0;
 };
-
-Pool& pool() {
-  static Pool* p = new Pool;  // never destroyed: workers sleep until the process exits
+FiberPool& fiber_pool() {
+  static FiberPool* p = new FiberPool;
   return *p;
 }
 
-std::mutex launch_mu;  // one launch at a time
+// Aborts the process when one block runs longer than HMMN_EMU_WATCHDOG_S (a thread that loops
+// without reaching a barrier cannot be interrupted): a hang never passes silently.
+std::atomic<int64_t> block_deadline{0};
+void arm_watchdog(int64_t seconds) {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    std::thread([] {
+      for (;;) {
+        std::this_thread::sleep_for(std::chrono::seconds(1));
+        const int64_t d = block_deadline.load();
+        const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+            std::chrono::steady_clock::now().time_since_epoch()).count();
+        if (d != 0 && now > d) {
+          std::fprintf(stderr, "hmmn_emu: watchdog: a block ran past HMMN_EMU_WATCHDOG_S (a hang); aborting\n");
+          std::abort();
+        }
+      }
+    }).detach();
+  });
+  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+      std::chrono::steady_clock::now().time_since_epoch()).count();
+  block_deadline.store(seconds > 0 ? now + seconds : 0);
+}
 
 KernelInfo& info_locked(const void* kernel) {
   KernelInfo& k = registry[kernel];
@@ -296,7 +311,39 @@ std::string dims(dim3 d) {
   return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
 }
 
+Block* running = nullptr;  // the block of the fiber entry below
+void (*running_body)(const void*) = nullptr;
+const void* running_ctx = nullptr;
+
+void fiber_entry() {
+  Block& b = *running;
+  Fiber& f = b.fibers[b.cur];
+  tsan_acquire(&b.start_sync);  // the launcher's setup happens before every thread
+  try {
+    running_body(running_ctx);
+  } catch (const Abort&) {
+  } catch (const std::exception& e) {
+    const Internal quiet;
+    b.fail(b.where(f.t) + ": exception: " + e.what());
+  }
+  tsan_release(&b.end_sync);
+  const Internal quiet;
+  f.done = true;
+  ++b.exited;
+  Block::Warp& w = b.warps[f.t.linear / 32];
+  ++w.exited;
+  if (!b.failed && b.bar_arrived > 0)
+    b.fail(b.where(f.t) + ": divergent __syncthreads: the thread exited while " + std::to_string(b.bar_arrived) +
+           " thread(s) wait at " + b.bar_file + ":" + std::to_string(b.bar_line));
+  else if (!b.failed && w.arrived > 0)
+    b.fail(b.where(f.t) + ": the lane exited while other lanes of its warp wait at " + w.op + " at " + w.file + ":" +
+           std::to_string(w.line) + " (missing lane)");
+  b.switch_next();
+}
+
 }  // namespace
+
+void Block::tls_set(Thread* t) { tls = t; }
 
 Thread& current() {
   if (probing) throw ProbeDone{};
@@ -313,8 +360,8 @@ void* shared(const void* site, size_t bytes, size_t align) {
     probe_buffers->push_back(std::make_unique<Buffer>(bytes, align));
     return probe_buffers->back()->p;
   }
+  const Internal quiet;
   Block& b = *current().block;
-  std::lock_guard<std::mutex> lk(b.mu);
   auto& slot = b.smem[site];
   if (!slot) slot = std::make_unique<Buffer>(bytes, align);
   return slot->p;
@@ -331,81 +378,81 @@ unsigned char* dynamic_shared() {
 void syncthreads(const char* file, int line) {
   Thread& t = current();
   Block& b = *t.block;
-  std::unique_lock<std::mutex> lk(b.mu);
-  if (b.failed) throw Abort{};
-  if (b.exited > 0)
-    b.fail(b.where(t) + ": divergent __syncthreads at " + file + ":" + std::to_string(line) + ": " +
-           std::to_string(b.exited) + " thread(s) of the block already exited");
-  else if (b.bar_arrived > 0 && (b.bar_line != line || std::strcmp(b.bar_file, file) != 0))
-    b.fail(b.where(t) + ": divergent __syncthreads: reached at " + file + ":" + std::to_string(line) +
-           " while other threads wait at " + b.bar_file + ":" + std::to_string(b.bar_line));
-  if (b.failed) throw Abort{};
-  b.bar_file = file;
-  b.bar_line = line;
-  const uint64_t gen = b.bar_gen;
-  if (++b.bar_arrived == b.nthreads) {
-    b.blocked -= b.nthreads - 1;
-    b.bar_arrived = 0;
-    ++b.bar_gen;
-    b.cv.notify_all();
-    return;
+  tsan_release(&b.bar_sync);
+  {
+    const Internal quiet;
+    if (b.exited > 0)
+      b.fail(b.where(t) + ": divergent __syncthreads at " + file + ":" + std::to_string(line) + ": " +
+             std::to_string(b.exited) + " thread(s) of the block already exited");
+    else if (b.bar_arrived > 0 && (b.bar_line != line || std::strcmp(b.bar_file, file) != 0))
+      b.fail(b.where(t) + ": divergent __syncthreads: reached at " + file + ":" + std::to_string(line) +
+             " while other threads wait at " + b.bar_file + ":" + std::to_string(b.bar_line));
+    if (b.failed) throw Abort{};
+    b.bar_file = file;
+    b.bar_line = line;
+    if (++b.bar_arrived == b.nthreads) {
+      for (int i : b.bar_waiters) b.fibers[i].ready = true;
+      b.bar_waiters.clear();
+      b.bar_arrived = 0;
+    } else {
+      b.bar_waiters.push_back(b.cur);
+      b.wait();
+    }
   }
-  b.wait(lk, b.cv, t, "__syncthreads", [&] { return b.bar_gen != gen; });
+  tsan_acquire(&b.bar_sync);
 }
 
 namespace {
 
-// Rendezvous of the 32 lanes of t's warp at one warp operation; `exchange` runs under the lock
-// once all lanes have deposited their values.
+// Rendezvous of the 32 lanes of t's warp at one warp operation: every lane deposits `mine`; all
+// get the 32 values. `ordered`: the operation orders memory (for ThreadSanitizer).
 void warp_rendezvous(Thread& t, unsigned mask, const char* op, const char* file, int line, uint64_t mine,
-                     uint64_t (*all)[32]) {
+                     uint64_t (*all)[32], bool ordered) {
   Block& b = *t.block;
-  Block::Warp& w = *b.warps[t.linear / 32];
+  Block::Warp& w = b.warps[t.linear / 32];
   const int lane = t.linear % 32;
-  std::unique_lock<std::mutex> lk(b.mu);
-  if (b.failed) throw Abort{};
-  const std::string at = std::string(op) + " at " + file + ":" + std::to_string(line);
-  if (mask != 0xffffffffu)
-    b.fail(b.where(t) + ": " + at + " with mask 0x" + [&] {
-      char s[16];
-      std::snprintf(s, sizeof s, "%08x", mask);
-      return std::string(s);
-    }() + ": the emulator (and these kernels) only use full-warp operations");
-  else if (w.lanes < 32 || w.exited > 0)
-    b.fail(b.where(t) + ": " + at + " with a full mask but only " + std::to_string(w.lanes - w.exited) +
-           " of 32 lanes present (missing lanes)");
-  else if (w.arrived > 0 && (w.line != line || std::strcmp(w.file, file) != 0 || std::strcmp(w.op, op) != 0))
-    b.fail(b.where(t) + ": divergent warp: " + at + " while other lanes wait at " + w.op + " at " + w.file + ":" +
-           std::to_string(w.line));
-  if (b.failed) throw Abort{};
-  const uint64_t gen = w.gen;
-  const int buf = int(gen & 1);  // double-buffered: the next exchange cannot overwrite this one's values
-  w.vals[buf][lane].store(mine, std::memory_order_relaxed);
-  w.op = op;
-  w.file = file;
-  w.line = line;
-  if (++w.arrived == 32) {
-    b.blocked -= 31;
-    w.arrived = 0;
-    ++w.gen;
-    w.cv.notify_all();
-  } else {
-    b.wait(lk, w.cv, t, op, [&] { return w.gen != gen; });
+  if (ordered) tsan_release(&w.sync);
+  {
+    const Internal quiet;
+    const std::string at = std::string(op) + " at " + file + ":" + std::to_string(line);
+    if (mask != 0xffffffffu) {
+      char m[16];
+      std::snprintf(m, sizeof m, "%08x", mask);
+      b.fail(b.where(t) + ": " + at + " with mask 0x" + m + ": the emulator (and these kernels) only use full-warp "
+             "operations");
+    } else if (w.lanes < 32 || w.exited > 0) {
+      b.fail(b.where(t) + ": " + at + " with a full mask but only " + std::to_string(w.lanes - w.exited) +
+             " of 32 lanes present (missing lanes)");
+    } else if (w.arrived > 0 && (w.line != line || std::strcmp(w.file, file) != 0 || std::strcmp(w.op, op) != 0)) {
+      b.fail(b.where(t) + ": divergent warp: " + at + " while other lanes wait at " + w.op + " at " + w.file + ":" +
+             std::to_string(w.line));
+    }
+    if (b.failed) throw Abort{};
+    w.vals[lane] = mine;
+    w.op = op;
+    w.file = file;
+    w.line = line;
+    if (++w.arrived == 32) {
+      std::memcpy(w.result, w.vals, sizeof w.vals);  // read by the lanes before any arrives again
+      for (int i = 0; i < 31; ++i) b.fibers[w.waiters[i]].ready = true;
+      w.arrived = 0;
+    } else {
+      w.waiters[w.arrived - 1] = b.cur;
+      b.wait();
+    }
+    if (all) std::memcpy(*all, w.result, sizeof w.result);
   }
-  if (all)
-    for (int l = 0; l < 32; ++l) (*all)[l] = w.vals[buf][l].load(std::memory_order_relaxed);
+  if (ordered) tsan_acquire(&w.sync);
 }
 
 }  // namespace
 
 void syncwarp(unsigned mask, const char* file, int line) {
-  Thread& t = current();
-  warp_rendezvous(t, mask, "__syncwarp", file, line, 0, nullptr);  // orders memory, like CUDA's
+  warp_rendezvous(current(), mask, "__syncwarp", file, line, 0, nullptr, true);  // orders memory, like CUDA's
 }
 
 void warp_exchange(unsigned mask, uint64_t mine, uint64_t (&all)[32], const char* op, const char* file, int line) {
-  Thread& t = current();
-  unordered(strict_warp() != 0, [&] { warp_rendezvous(t, mask, op, file, line, mine, &all); });
+  warp_rendezvous(current(), mask, op, file, line, mine, &all, strict_warp() == 0);
 }
 
 void note_kernel(const void* kernel, Probe probe) {
@@ -443,13 +490,12 @@ void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, void 
   if (k->static_smem > kStaticSmemLimit || smem > size_t(k->max_dynamic_smem) ||
       int64_t(k->static_smem + smem) > optin) {
     fail_launch(cudaErrorInvalidValue,
-           what + ": shared memory: " + std::to_string(k->static_smem) + " B static + " + std::to_string(smem) +
-               " B dynamic; limits: 48 KiB static, " + std::to_string(k->max_dynamic_smem) +
-               " B dynamic (above 48 KiB only after cudaFuncSetAttribute(MaxDynamicSharedMemorySize)), " +
-               std::to_string(optin) + " B in all");
+                what + ": shared memory: " + std::to_string(k->static_smem) + " B static + " + std::to_string(smem) +
+                    " B dynamic; limits: 48 KiB static, " + std::to_string(k->max_dynamic_smem) +
+                    " B dynamic (above 48 KiB only after cudaFuncSetAttribute(MaxDynamicSharedMemorySize)), " +
+                    std::to_string(optin) + " B in all");
     return;
   }
-
   if (const char* log = std::getenv("HMMN_EMU_LAUNCH_LOG")) {  // tests read which plan branches ran
     if (FILE* f = std::fopen(log, "a")) {
       std::fprintf(f, "%s\n", what.c_str());
@@ -464,8 +510,9 @@ void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, void 
     std::mt19937_64 rng{uint64_t(seed)};
     std::shuffle(order.begin(), order.end(), rng);
   }
-  const auto watchdog = std::chrono::seconds(env_int("HMMN_EMU_WATCHDOG_S", 120));
+  const int64_t watchdog = env_int("HMMN_EMU_WATCHDOG_S", 120);
   const int n = int(nthreads);
+  Fiber* fibers = fiber_pool().get(n);
   for (const dim3& bi : order) {
     Block b;
     b.kernel = k;
@@ -473,43 +520,42 @@ void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, void 
     b.dim = block;
     b.idx = bi;
     b.nthreads = n;
-    b.watchdog = watchdog;
-    for (int w = 0; w < (n + 31) / 32; ++w) {
-      b.warps.push_back(std::make_unique<Block::Warp>());
-      b.warps.back()->lanes = std::min(32, n - 32 * w);
-    }
+    b.fibers = fibers;
+    b.warps.resize(size_t((n + 31) / 32));
+    for (int w = 0; w < int(b.warps.size()); ++w) b.warps[size_t(w)].lanes = std::min(32, n - 32 * w);
     b.dyn = std::make_unique<Buffer>(smem, 16);
-    std::function<void(int)> job = [&](int i) {
-      Thread t;
-      t.linear = i;
-      t.thread_idx = uint3{unsigned(i) % block.x, unsigned(i) / block.x % block.y, unsigned(i) / (block.x * block.y)};
-      t.block_idx = uint3{bi.x, bi.y, bi.z};
-      t.block_dim = block;
-      t.grid_dim = grid;
-      t.block = &b;
-      tls = &t;
-      try {
-        body(ctx);
-      } catch (const Abort&) {
-      } catch (const std::exception& e) {
-        std::lock_guard<std::mutex> lk(b.mu);
-        b.fail(b.where(t) + ": exception: " + e.what());
-      }
-      tls = nullptr;
-      std::lock_guard<std::mutex> lk(b.mu);
-      ++b.exited;
-      ++b.warps[i / 32]->exited;
-      if (b.failed) return;
-      if (b.bar_arrived > 0)
-        b.fail(b.where(t) + ": divergent __syncthreads: the thread exited while " + std::to_string(b.bar_arrived) +
-               " thread(s) wait at " + b.bar_file + ":" + std::to_string(b.bar_line));
-      else if (b.warps[i / 32]->arrived > 0)
-        b.fail(b.where(t) + ": the lane exited while other lanes of its warp wait at " + b.warps[i / 32]->op + " at " +
-               b.warps[i / 32]->file + ":" + std::to_string(b.warps[i / 32]->line) + " (missing lane)");
-      else
-        b.check_deadlock(t, "exit");
-    };
-    pool().run(n, job, 2 * watchdog);
+    for (int i = 0; i < n; ++i) {
+      Fiber& f = fibers[i];
+      f.ready = true;
+      f.done = false;
+      f.t.linear = i;
+      f.t.thread_idx = uint3{unsigned(i) % block.x, unsigned(i) / block.x % block.y, unsigned(i) / (block.x * block.y)};
+      f.t.block_idx = uint3{bi.x, bi.y, bi.z};
+      f.t.block_dim = block;
+      f.t.grid_dim = grid;
+      f.t.block = &b;
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = fiber_pool().stacks[size_t(i)].get();
+      f.ctx.uc_stack.ss_size = FiberPool::kStack;
+      f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, fiber_entry, 0);
+    }
+    running = &b;
+    running_body = body;
+    running_ctx = ctx;
+    arm_watchdog(watchdog);
+    tsan_release(&b.start_sync);
+#if defined(__SANITIZE_THREAD__)
+    b.main_tsan = __tsan_get_current_fiber();
+    __tsan_switch_to_fiber(fibers[0].tsan, 0);
+#endif
+    b.cur = 0;
+    tls = &fibers[0].t;
+    swapcontext(&b.main, &fibers[0].ctx);
+    tls = nullptr;
+    tsan_acquire(&b.end_sync);
+    arm_watchdog(0);
+    running = nullptr;
     if (b.failed) {
       fail_launch(cudaErrorLaunchFailure, what + ": " + b.error);
       return;
