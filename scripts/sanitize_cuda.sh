@@ -28,7 +28,8 @@ run() {  # run NAME CXXFLAGS PRELOAD PYTEST_K ENV...
     local name=$1 flags=$2 preload=$3 k=$4; shift 4
     local dir=$work/$name t0=$SECONDS
     mkdir -p "$dir"
-    rsync -a --delete --exclude .git --exclude build --exclude '_C_emulated*.so' --exclude __pycache__ "$root/" "$dir/"
+    tar -C "$root" --exclude=./.git --exclude=./build --exclude='_C_emulated*.so' --exclude=__pycache__ -cf - . \
+        | tar -C "$dir" -xf -  # (its build/ is kept: a rerun is incremental)
     echo "== $name: building hmmn_ops._C_emulated with $flags"
     (cd "$dir" && HMMN_OPS_CUDA_EMULATION=only HMMN_EMU_CXXFLAGS="$flags -g -fno-omit-frame-pointer" \
         HMMN_EMU_LDFLAGS="$flags" MAX_JOBS=${MAX_JOBS:-2} python3 setup.py build_ext --inplace > build.log 2>&1) \

@@ -206,20 +206,21 @@ struct Block {
       return switch_next();
     }
     if (next == cur) return;
-    const int from = cur;
+    ucontext_t* from = &me.ctx;
     if (next < 0) {
 #if defined(__SANITIZE_THREAD__)
       __tsan_switch_to_fiber(main_tsan, 0);
 #endif
-      swapcontext(&fibers[from].ctx, &main);
+      swapcontext(from, &main);
       return;  // not reached: a done fiber is never resumed
     }
     cur = next;
     tls_set(&fibers[next].t);
+    ucontext_t* to = &fibers[next].ctx;
 #if defined(__SANITIZE_THREAD__)
     __tsan_switch_to_fiber(fibers[next].tsan, 1 /* no sync: only barriers order memory */);
 #endif
-    swapcontext(&fibers[from].ctx, &fibers[next].ctx);
+    swapcontext(from, to);  // (nothing between the TSan switch and this one is instrumented)
   }
 
   // The calling fiber waits until a completer marks it ready.
@@ -316,11 +317,19 @@ void (*running_body)(const void*) = nullptr;
 const void* running_ctx = nullptr;
 
 void fiber_entry() {
-  Block& b = *running;
-  Fiber& f = b.fibers[b.cur];
+  Block* bp;
+  Fiber* fp;
+  void (*body)(const void*);
+  const void* ctx;
+  {
+    const Internal quiet;
+    bp = running, body = running_body, ctx = running_ctx, fp = &bp->fibers[bp->cur];
+  }
+  Block& b = *bp;
+  Fiber& f = *fp;
   tsan_acquire(&b.start_sync);  // the launcher's setup happens before every thread
   try {
-    running_body(running_ctx);
+    body(ctx);
   } catch (const Abort&) {
   } catch (const std::exception& e) {
     const Internal quiet;
@@ -470,6 +479,7 @@ const char* error_detail() { return last_detail.c_str(); }
 
 void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)(const void*), const void* ctx) {
   std::lock_guard<std::mutex> launch_lock(launch_mu);
+  const Internal quiet;  // the launcher's bookkeeping (the fibers have their own TSan state)
   KernelInfo* k;
   {
     std::lock_guard<std::mutex> lk(registry_mu);
@@ -545,13 +555,14 @@ void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, void 
     running_ctx = ctx;
     arm_watchdog(watchdog);
     tsan_release(&b.start_sync);
+    b.cur = 0;
+    tls = &fibers[0].t;
+    ucontext_t* first = &fibers[0].ctx;
 #if defined(__SANITIZE_THREAD__)
     b.main_tsan = __tsan_get_current_fiber();
     __tsan_switch_to_fiber(fibers[0].tsan, 0);
 #endif
-    b.cur = 0;
-    tls = &fibers[0].t;
-    swapcontext(&b.main, &fibers[0].ctx);
+    swapcontext(&b.main, first);
     tls = nullptr;
     tsan_acquire(&b.end_sync);
     arm_watchdog(0);
