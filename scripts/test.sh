@@ -11,8 +11,10 @@ bash scripts/setup.sh
 echo "== CPU tests"
 python3 -m pytest -q -m "not cuda and not triton and not emulated" --durations=10 "$@"
 
-echo "== CUDA kernels emulated on the CPU (backend cuda_emulated, docs/cuda.md)"
-python3 -m pytest -q -m emulated -rs --durations=10 tests/test_cuda.py
+# Blocks run in a shuffled order (a new seed each run, printed for a replay).
+export HMMN_EMU_SHUFFLE_BLOCKS=${HMMN_EMU_SHUFFLE_BLOCKS:-$((RANDOM + 1))}
+echo "== CUDA kernels emulated on the CPU (backend cuda_emulated, docs/cuda.md; HMMN_EMU_SHUFFLE_BLOCKS=$HMMN_EMU_SHUFFLE_BLOCKS)"
+python3 -m pytest -q -m emulated -rs --durations=10 tests/test_cuda*.py
 
 echo "== Triton kernels under TRITON_INTERPRET=1 (small shapes, CPU)"
 TRITON_INTERPRET=1 python3 -m pytest -q -m "triton and not cuda" --durations=5

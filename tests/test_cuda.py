@@ -82,6 +82,7 @@ READ_CASES = {
     "wide": (1, 17, 70, 3, 2, 7),           # Ck over one channel chunk, Cv over one value chunk
     "long-memory": (1, 8, 6, 40, 4, 5),      # few queries, long memory: split + log-sum-exp combine
     "many-queries": (1, 4, 3, 1, 13, 11),    # several query tiles, odd last tile
+    "smem-opt-in": (1, 3, 230, 1, 2, 3),     # accumulator over 48 KiB: cudaFuncSetAttribute opt-in
     "B=0": (0, 3, 4, 2, 3, 5),
 }
 
@@ -229,6 +230,7 @@ BACKWARD_CASES = {
     "wide": (1, 17, 70, 2, 2, 7),
     "odd-tiles": (1, 3, 4, 3, 9, 11),   # memory and query tiles with ragged ends
     "T=1,1x1": (1, 2, 3, 1, 1, 1),
+    "smem-opt-in": (1, 3, 230, 1, 2, 3),
     "B=0": (0, 3, 4, 2, 3, 5),
 }
 
