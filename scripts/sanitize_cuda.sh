@@ -4,7 +4,8 @@
 #
 #   bash scripts/sanitize_cuda.sh         # asan, then tsan
 #   bash scripts/sanitize_cuda.sh asan    # ASan + UBSan over the emulated CUDA tests (all of them)
-#   bash scripts/sanitize_cuda.sh tsan    # ThreadSanitizer, strict warp mode, over a subset
+#   bash scripts/sanitize_cuda.sh tsan    # ThreadSanitizer, strict warp mode: the torch-free driver
+#                                         # (tsan-driver: that alone), then pytest over a subset
 #
 # Each builds hmmn_ops._C_emulated with the sanitizer (HMMN_OPS_CUDA_EMULATION=only: the kernels,
 # glue and emulator are instrumented; torch and Python are not) in a private copy of the tree
@@ -48,6 +49,51 @@ if [ "$which" = all ] || [ "$which" = asan ]; then
         "$(gcc -print-file-name=libasan.so)" "${ASAN_TESTS:-}" \
         ASAN_OPTIONS=detect_leaks=0:exitcode=66 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=66 \
         || status=$?
+fi
+if [ "$which" = all ] || [ "$which" = tsan ] || [ "$which" = tsan-driver ]; then
+    # A torch-free driver: the warp-heavy kernels on small inputs, strict warps (seconds to build
+    # and run; this is what finds the kgr_topk race without its __syncwarp).
+    t0=$SECONDS
+    mkdir -p "$work/tsan-driver"
+    cat > "$work/tsan-driver/driver.cpp" <<'CPP'
+#include "cuda/kernels/gaussian_softmax.cuh"
+#include "cuda/kernels/kernel_guided_read.cuh"
+#include "cuda/kernels/track.cuh"
+#include <cstdio>
+#include <random>
+#include <vector>
+int main() {
+  const int64_t B = 1, Ck = 5, Cv = 7, H = 3, W = 5, T = 3, N = H * W, M = T * N, K = 6;
+  std::mt19937 rng(1);
+  std::uniform_int_distribution<int> d(-1, 1);  // small integers: ties in the top-k
+  auto vec = [&](size_t n) { std::vector<float> x(n); for (auto& e : x) e = float(d(rng)); return x; };
+  auto q = vec(B * Ck * N), k = vec(B * Ck * M), v = vec(B * Cv * M), dout = vec(B * Cv * N);
+  std::vector<float> out(B * Cv * N), lse(B * N), D(B * N), dq(q.size()), dk(k.size()), dv(v.size()), keys(B * N * K);
+  std::vector<int64_t> idx(B * N * K), frames{2, 0}, arg(B * M);
+  const hmmn::KgrParams<float> p{q.data(), k.data(), v.data(), nullptr, nullptr, 0.5f, B, Ck, Cv, H, W, T, N, M};
+  const auto plan = hmmn::kgr_forward_plan(p, 1000, 232448);  // many SMs: memory splits
+  std::vector<float> ws(size_t(plan.workspace) + 1);
+  int bad = 0;
+  bad |= hmmn::kgr_forward(p, plan, out.data(), lse.data(), ws.data(), nullptr);
+  bad |= hmmn::kgr_topk(p, frames.data(), 2, K, keys.data(), idx.data(), nullptr);
+  bad |= hmmn::kgr_backward(p, dout.data(), out.data(), lse.data(), D.data(), dq.data(), dk.data(), dv.data(), 232448,
+                            nullptr);
+  bad |= hmmn::global_track(k.data(), q.data(), arg.data(), B, Ck, N, M, nullptr);
+  std::vector<float> aff = vec(B * M * N), y(aff.size()), sig(B * T, 1.f);
+  std::vector<int64_t> cen(B * M, 2);
+  const hmmn::GsmParams<float> g{aff.data(), nullptr, cen.data(), sig.data(), y.data(), B, T, H, W, N, M};
+  bad |= hmmn::gaussian_softmax_forward(g, nullptr);
+  std::printf("tsan driver: %s %s\n", bad ? "launch error:" : "ran", hmmn_emu::error_detail());
+  return bad ? 1 : 0;
+}
+CPP
+    g++ -std=c++20 -O1 -g -fsanitize=thread -Icsrc -isystem "${HMMN_CUDA_INCLUDE:-/usr/local/cuda/include}" \
+        -Wno-unknown-pragmas -Wno-attributes "$work/tsan-driver/driver.cpp" csrc/emulator/emulator.cpp \
+        -o "$work/tsan-driver/driver"
+    rc=0
+    TSAN_OPTIONS=exitcode=66 HMMN_EMU_STRICT_WARP=1 "$work/tsan-driver/driver" || rc=$?
+    echo "== tsan-driver: built and ran in $((SECONDS - t0)) s (exit $rc; 0 = clean)"
+    [ $rc -eq 0 ] || status=$rc
 fi
 if [ "$which" = all ] || [ "$which" = tsan ]; then
     run tsan "-fsanitize=thread" "$(gcc -print-file-name=libtsan.so)" "$TSAN_TESTS" \
