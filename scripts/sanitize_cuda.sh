@@ -75,9 +75,19 @@ int main() {
   std::vector<float> ws(size_t(plan.workspace) + 1);
   int bad = 0;
   bad |= hmmn::kgr_forward(p, plan, out.data(), lse.data(), ws.data(), nullptr);
-  bad |= hmmn::kgr_topk(p, frames.data(), 2, K, keys.data(), idx.data(), nullptr);
   bad |= hmmn::kgr_backward(p, dout.data(), out.data(), lse.data(), D.data(), dq.data(), dk.data(), dv.data(), 232448,
                             nullptr);
+  {  // top-k on tied small integers: insertions at rank k-1 into a full list (the race it had)
+    std::mt19937 r2(1);
+    std::uniform_int_distribution<int> d2(-1, 1);
+    std::vector<float> tq(3 * 12), tk(3 * 24);
+    for (auto& e : tq) e = float(d2(r2));
+    for (auto& e : tk) e = float(d2(r2));
+    std::vector<int64_t> tf{1, 0}, tidx(60);
+    std::vector<float> tkeys(60);
+    const hmmn::KgrParams<float> tp{tq.data(), tk.data(), nullptr, nullptr, nullptr, 0.5f, 1, 3, 1, 3, 4, 2, 12, 24};
+    bad |= hmmn::kgr_topk(tp, tf.data(), 2, 5, tkeys.data(), tidx.data(), nullptr);
+  }
   bad |= hmmn::global_track(k.data(), q.data(), arg.data(), B, Ck, N, M, nullptr);
   std::vector<float> aff = vec(B * M * N), y(aff.size()), sig(B * T, 1.f);
   std::vector<int64_t> cen(B * M, 2);

@@ -145,6 +145,7 @@ struct Fiber {
   ucontext_t ctx;
   Thread t;
   bool ready = true, done = false;
+  bool left_internal = false;  // it switched away for good inside an Internal scope (TSan state)
   void* tsan = nullptr;
 };
 
@@ -250,11 +251,15 @@ struct FiberPool {
   Fiber* get(int n) {
     if (int(fibers.size()) < n) fibers.resize(size_t(n));
     while (int(stacks.size()) < n) stacks.emplace_back(new char[kStack]);
-#if defined(__SANITIZE_THREAD__)
-    for (auto& f : fibers)
-      if (!f.tsan) f.tsan = __tsan_create_fiber(0);
-#endif
     return fibers.data();
+  }
+  void create_tsan(int n) {
+#if defined(__SANITIZE_THREAD__)
+    for (int i = 0; i < n; ++i)
+      if (!fibers[size_t(i)].tsan) fibers[size_t(i)].tsan = __tsan_create_fiber(0);
+#else
+    (void)n;
+#endif
   }
 };
 FiberPool& fiber_pool() {
@@ -327,6 +332,13 @@ void fiber_entry() {
   }
   Block& b = *bp;
   Fiber& f = *fp;
+#if defined(__SANITIZE_THREAD__)
+  if (f.left_internal) {  // this TSan fiber ended its last block inside an Internal scope: close it
+    f.left_internal = false;
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+  }
+#endif
   tsan_acquire(&b.start_sync);  // the launcher's setup happens before every thread
   try {
     body(ctx);
@@ -347,6 +359,7 @@ void fiber_entry() {
   else if (!b.failed && w.arrived > 0)
     b.fail(b.where(f.t) + ": the lane exited while other lanes of its warp wait at " + w.op + " at " + w.file + ":" +
            std::to_string(w.line) + " (missing lane)");
+  f.left_internal = true;
   b.switch_next();
 }
 
@@ -550,6 +563,7 @@ void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, void 
       f.ctx.uc_link = nullptr;
       makecontext(&f.ctx, fiber_entry, 0);
     }
+    fiber_pool().create_tsan(n);
     running = &b;
     running_body = body;
     running_ctx = ctx;
