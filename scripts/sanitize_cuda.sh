@@ -29,6 +29,7 @@ run() {  # run NAME CXXFLAGS PRELOAD PYTEST_K ENV...
     local name=$1 flags=$2 preload=$3 k=$4; shift 4
     local dir=$work/$name t0=$SECONDS
     mkdir -p "$dir"
+    rm -f "$dir"/report.*
     tar -C "$root" --exclude=./.git --exclude=./build --exclude='_C_emulated*.so' --exclude=__pycache__ -cf - . \
         | tar -C "$dir" -xf -  # (its build/ is kept: a rerun is incremental)
     echo "== $name: building hmmn_ops._C_emulated with $flags"
@@ -40,14 +41,18 @@ run() {  # run NAME CXXFLAGS PRELOAD PYTEST_K ENV...
     (cd "$dir" && env "$@" LD_PRELOAD="$preload" PYTHONPATH="$dir" \
         python3 -m pytest -q -m emulated -p no:cacheprovider ${k:+-k "$k"} tests/test_cuda.py) || status=$?
     echo "== $name: tests ran in $((SECONDS - t1)) s (exit $status; 0 = clean)"
+    cat "$dir"/report.* 2>/dev/null | grep -v "makecontext/swapcontext" | head -60 || true
     return $status
 }
 
 status=0
 if [ "$which" = all ] || [ "$which" = asan ]; then
+    # libstdc++ preloaded too: ASan's __cxa_throw interceptor must find the real one at start-up.
+    # Reports go to $SAN_DIR/asan/report.* as well (pytest's capture may hide a dying process's).
     run asan "-fsanitize=address,undefined -fno-sanitize-recover=undefined" \
-        "$(gcc -print-file-name=libasan.so)" "${ASAN_TESTS:-}" \
-        ASAN_OPTIONS=detect_leaks=0:exitcode=66 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=66 \
+        "$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" "${ASAN_TESTS:-}" \
+        ASAN_OPTIONS=detect_leaks=0:exitcode=66:log_path="$work/asan/report" \
+        UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=66:log_path="$work/asan/report" \
         || status=$?
 fi
 if [ "$which" = all ] || [ "$which" = tsan ] || [ "$which" = tsan-driver ]; then
