@@ -1,7 +1,7 @@
 // Host emulation of the CUDA subset hmmn_ops' kernels use (backend "cuda_emulated",
 // docs/cuda.md): the kernels' own .cuh device code, compiled by the host compiler against the
-// CUDA headers (types and host half/bfloat16 conversions only), runs on the CPU with one host
-// thread per CUDA thread and one block at a time. It checks what a GPU or a sanitizer would:
+// CUDA headers (types and host half/bfloat16 conversions only), runs on the CPU with one fiber
+// per CUDA thread and one block at a time (emulator.cpp). It checks what a GPU or a sanitizer would:
 // divergent barriers, warp operations with missing lanes, launch limits, the dynamic
 // shared-memory opt-in, hangs; shared memory is fresh and poisoned (NaN pattern) per block.
 // Errors become a failed launch (cudaGetLastError), never a crash or a silent pass.
@@ -45,7 +45,7 @@ inline double __longlong_as_double(unsigned long long x) { double d; std::memcpy
 
 namespace hmmn_emu {
 
-// The CUDA thread a host thread is running.
+// The CUDA thread the calling fiber is.
 struct Thread {
   uint3 thread_idx, block_idx;
   dim3 block_dim, grid_dim;
