@@ -4,17 +4,17 @@
 #
 #   bash scripts/sanitize_cuda.sh         # asan, then tsan
 #   bash scripts/sanitize_cuda.sh asan    # ASan + UBSan over the emulated CUDA tests (all of them)
-#   bash scripts/sanitize_cuda.sh tsan    # ThreadSanitizer, strict warp mode: the torch-free driver
-#                                         # (tsan-driver: that alone), then pytest over a subset
+#   bash scripts/sanitize_cuda.sh tsan    # ThreadSanitizer, strict warp mode: a torch-free driver
 #
-# Each builds hmmn_ops._C_emulated with the sanitizer (HMMN_OPS_CUDA_EMULATION=only: the kernels,
-# glue and emulator are instrumented; torch and Python are not) in a private copy of the tree
-# under $SAN_DIR (default /tmp/hmmn-sanitize), so this worktree's build is untouched, and runs
-# pytest with the sanitizer runtime preloaded. Any report fails the run (exit code 66).
-# In the strict warp mode (the default under TSan) shuffles and ballots wait for every lane but
-# order no memory, so a race between lanes that only a shuffle separates is reported.
+# asan builds hmmn_ops._C_emulated with the sanitizers (HMMN_OPS_CUDA_EMULATION=only: the
+# kernels, glue and emulator are instrumented; torch and Python are not) in a private copy of the
+# tree under $SAN_DIR (default /tmp/hmmn-sanitize), so this worktree's build is untouched, and
+# runs pytest with the runtime preloaded. tsan compiles the kernels and the emulator, without
+# torch, into a driver that runs the warp-heavy kernels on small inputs. In the strict warp mode
+# (the default under TSan) shuffles and ballots wait for every lane but order no memory, so a
+# race between lanes that only a shuffle separates is reported. Any report fails (exit code 66).
 #
-# Knobs: SAN_DIR, MAX_JOBS, ASAN_TESTS / TSAN_TESTS (pytest -k expressions).
+# Knobs: SAN_DIR, MAX_JOBS, ASAN_TESTS (a pytest -k expression).
 # Needs: this tree built once (hmmn_ops/_C*.so, as scripts/setup.sh or setup.py build_ext do),
 # the CUDA headers (as for HMMN_OPS_CUDA_EMULATION=1), gcc's libasan/libubsan/libtsan.
 set -euo pipefail
@@ -22,10 +22,9 @@ cd "$(dirname "$0")/.."
 root=$PWD
 which=${1:-all}
 work=${SAN_DIR:-/tmp/hmmn-sanitize}
-TSAN_TESTS=${TSAN_TESTS:-"emulator or (kernel_guided_read and (topk or small or T=1) and not half) or (topk_guided_read and r=2 and not half) or gaussian_softmax-shape0 or global_track"}
 ls hmmn_ops/_C.*so > /dev/null || { echo "sanitize_cuda: build this tree first (hmmn_ops/_C*.so missing)" >&2; exit 1; }
 
-run() {  # run NAME CXXFLAGS PRELOAD PYTEST_K ENV...
+run() {  # run NAME CXXFLAGS PRELOAD PYTEST_K ENV...: build in a copy, pytest -m emulated there
     local name=$1 flags=$2 preload=$3 k=$4; shift 4
     local dir=$work/$name t0=$SECONDS
     mkdir -p "$dir"
@@ -55,9 +54,9 @@ if [ "$which" = all ] || [ "$which" = asan ]; then
         UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=66:log_path="$work/asan/report" \
         || status=$?
 fi
-if [ "$which" = all ] || [ "$which" = tsan ] || [ "$which" = tsan-driver ]; then
-    # A torch-free driver: the warp-heavy kernels on small inputs, strict warps (seconds to build
-    # and run; this is what finds the kgr_topk race without its __syncwarp).
+if [ "$which" = all ] || [ "$which" = tsan ]; then
+    # The warp-heavy kernels on small inputs, strict warps (seconds to build and run; this is
+    # what reports the kgr_topk race without its __syncwarp).
     t0=$SECONDS
     mkdir -p "$work/tsan-driver"
     cat > "$work/tsan-driver/driver.cpp" <<'CPP'
@@ -107,12 +106,7 @@ CPP
         -o "$work/tsan-driver/driver"
     rc=0
     TSAN_OPTIONS=exitcode=66 HMMN_EMU_STRICT_WARP=1 "$work/tsan-driver/driver" || rc=$?
-    echo "== tsan-driver: built and ran in $((SECONDS - t0)) s (exit $rc; 0 = clean)"
+    echo "== tsan: driver built and ran in $((SECONDS - t0)) s (exit $rc; 0 = clean)"
     [ $rc -eq 0 ] || status=$rc
-fi
-if [ "$which" = all ] || [ "$which" = tsan ]; then
-    run tsan "-fsanitize=thread" "$(gcc -print-file-name=libtsan.so)" "$TSAN_TESTS" \
-        TSAN_OPTIONS=exitcode=66:halt_on_error=1:report_signal_unsafe=0 HMMN_EMU_STRICT_WARP=1 \
-        HMMN_EMU_WATCHDOG_S=600 || status=$?
 fi
 exit $status
