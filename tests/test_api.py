@@ -129,7 +129,7 @@ def test_torch_compile_fullgraph():
 
 def test_backends_report_says_why():
     report = hmmn_ops.backends("cpu")
-    assert set(report) == {"auto", "reference", "native", "triton"}
+    assert set(report) == {"auto", "reference", "native", "triton", "cuda_emulated"}
     assert all(why is None for why in report["reference"].values())
     assert report["auto"]["kernel_guided_read"] in ("native", "reference")
     for op, why in report["native"].items():
