@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <string>
 
@@ -89,6 +90,17 @@ hmmn::MrPlanHints plan_hints() {
   return h;
 }
 
+// l2: computes the per-position terms the full-softmax kernels read into p (rowsq; colsq
+// without a selection); the returned tensors hold them.
+template <typename T>
+std::array<at::Tensor, 2> l2_terms(hmmn::MrParams<T>& p, const at::TensorOptions& acc_opts, cudaStream_t stream) {
+  using A = hmmn::acc_of<T>;
+  if (!p.l2) return {};
+  auto rowsq = at::empty({p.B, p.Nq}, acc_opts), colsq = at::empty({p.e ? 0 : p.B, p.Nm}, acc_opts);
+  C10_CUDA_CHECK(hmmn::mr_l2_terms(p, ptr<A>(rowsq), p.e ? nullptr : ptr<A>(colsq), stream));
+  return {rowsq, colsq};
+}
+
 // (B, C, N) -> (B, N, C) contiguous: the top-k kernels gather whole positions.
 at::Tensor channels_last(const at::Tensor& t) { return t.transpose(1, 2).contiguous(); }
 
@@ -122,12 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_read_cuda(
                                            ptr<A>(lse), return_usage ? ptr<A>(usage) : nullptr, dev.stream));
       return;
     }
-    at::Tensor rowsq, colsq;
-    if (d.l2) {
-      rowsq = at::empty({d.B, d.Nq}, acc_opts);
-      colsq = at::empty({e ? 0 : d.B, d.Nm}, acc_opts);
-      C10_CUDA_CHECK(hmmn::mr_l2_terms(p, ptr<A>(rowsq), e ? nullptr : ptr<A>(colsq), dev.stream));
-    }
+    const auto terms = l2_terms(p, acc_opts, dev.stream);
     const auto plan = hmmn::mr_forward_plan(p, dev.num_sms, dev.smem_optin, hints);
     auto ws = at::empty({plan.workspace}, acc_opts);
     C10_CUDA_CHECK(hmmn::mr_forward(p, plan, ptr<T>(out), ptr<A>(lse), ptr<A>(ws), dev.stream));
@@ -192,12 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_re
       if (w) dw.copy_(gw);
       return;
     }
-    at::Tensor rowsq, colsq;
-    if (d.l2) {
-      rowsq = at::empty({d.B, d.Nq}, acc_opts);
-      colsq = at::empty({e ? 0 : d.B, d.Nm}, acc_opts);
-      C10_CUDA_CHECK(hmmn::mr_l2_terms(p, ptr<A>(rowsq), e ? nullptr : ptr<A>(colsq), dev.stream));
-    }
+    const auto terms = l2_terms(p, acc_opts, dev.stream);
     const auto plan = hmmn::mr_backward_plan(p, dev.smem_optin, hints);
     auto dw_part = w ? at::empty({plan.nck, d.B, d.Nm}, acc_opts) : at::Tensor();
     C10_CUDA_CHECK(hmmn::mr_backward(p, plan, ptr<const T>(dout), ptr<const T>(out), ptr<const A>(lse), ptr<A>(D),
