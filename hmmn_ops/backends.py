@@ -4,6 +4,9 @@ Backends:
   reference  pure PyTorch (hmmn_ops/reference.py): any device, the test oracle
   native     the compiled extension hmmn_ops._C: C++ kernels on CPU tensors, CUDA kernels on CUDA
   triton     Triton kernels (hmmn_ops/triton/): CUDA tensors, or CPU tensors with TRITON_INTERPRET=1
+  cuda_emulated  the CUDA kernels' own device code run on the CPU by a host emulator
+             (hmmn_ops._C_emulated, built with HMMN_OPS_CUDA_EMULATION=1; docs/cuda.md): CPU tensors,
+             slow, for testing the CUDA backend without a GPU
 
 ``backend="auto"`` calls ``torch.ops.hmmn_ops.<op>``; the dispatcher runs the compiled kernel of
 the tensors' device. Slots without a compiled kernel are filled at import by
@@ -18,7 +21,7 @@ import torch
 
 from . import _autograd, reference
 
-BACKENDS = ("auto", "reference", "native", "triton")
+BACKENDS = ("auto", "reference", "native", "triton", "cuda_emulated")
 
 # Every schema of csrc/ops.cpp; the differentiable ones have a "<op>_backward" companion.
 FORWARD_OPS = ("kernel_guided_read", "gaussian_softmax", "local_track", "global_track", "topk_guided_read",
@@ -29,8 +32,8 @@ _native = {}  # dispatch key -> ops with a compiled kernel, recorded before fall
 _registered = False
 
 
-def _has_compiled_kernel(op, key):
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"hmmn_ops::{op}", key)
+def _has_compiled_kernel(op, key, namespace="hmmn_ops"):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{op}", key)
 
 
 def native_ops(device_type):
@@ -73,6 +76,51 @@ def _triton_refusal(op, device):
     return None
 
 
+class _Emulated:
+    """The emulated CUDA kernels: the ops of the hmmn_ops_emulated namespace (CPU kernels)."""
+
+    def __getattr__(self, op):
+        return getattr(torch.ops.hmmn_ops_emulated, op).default
+
+
+_emulated = None  # (_Emulated(), None) or (None, why the emulated kernels cannot run)
+_emulated_lib = None  # keeps the hmmn_ops_emulated schemas registered
+
+
+def _emulated_module():
+    global _emulated, _emulated_lib
+    if _emulated is None:
+        from ._build import BUILD_CONFIG
+
+        if not BUILD_CONFIG.get("cuda_emulated"):
+            _emulated = (None, "hmmn_ops was built without the CUDA emulator; rebuild with HMMN_OPS_CUDA_EMULATION=1 "
+                               "(needs the CUDA headers, no GPU)")
+            return _emulated
+        # The same schemas as hmmn_ops (csrc/ops.cpp), under their own namespace: the emulated
+        # kernels register for CPU there, next to (not instead of) the native CPU kernels.
+        _emulated_lib = torch.library.Library("hmmn_ops_emulated", "DEF")
+        for op in ALL_OPS:
+            _emulated_lib.define(str(getattr(torch.ops.hmmn_ops, op).default._schema).split("::", 1)[1])
+        _emulated_lib.define("_emulator_selftest(str name) -> Tensor")  # csrc/emulator/selftest.cpp
+        try:
+            importlib.import_module("hmmn_ops._C_emulated")
+            _emulated = (_Emulated(), None)
+        except ImportError as e:
+            _emulated = (None, f"hmmn_ops._C_emulated failed to load ({e}); rebuild with HMMN_OPS_CUDA_EMULATION=1")
+    return _emulated
+
+
+def _emulated_refusal(op, device):
+    module, why = _emulated_module()
+    if module is None:
+        return why
+    if device.type != "cpu":
+        return f"the emulated CUDA kernels run on CPU tensors, not {device.type}"
+    if not _has_compiled_kernel(op, "CPU", "hmmn_ops_emulated"):
+        return f"no CUDA kernel for {op} to emulate yet"
+    return None
+
+
 def _native_refusal(op, device):
     key = device.type
     if key == "cuda":
@@ -100,6 +148,8 @@ def refusal(backend, op, device):
         return _native_refusal(op, device)
     if backend == "triton":
         return _triton_refusal(op, device)
+    if backend == "cuda_emulated":
+        return _emulated_refusal(op, device)
     return f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
 
@@ -112,6 +162,8 @@ def implementation(backend, op, device):
         return reference
     if backend == "triton":
         return _triton_module()[0]
+    if backend == "cuda_emulated":
+        return _emulated_module()[0]
     return NATIVE
 
 

@@ -141,7 +141,7 @@ def kernel_guided_read(query_key, memory_key, memory_value, centers=None, sigma=
         topk_frames: frame indices searched by the top-k (default: all frames, in order).
             Returned indices point into their concatenation: ``j * H * W + y * W + x`` for the
             j-th listed frame.
-        backend: "auto" | "reference" | "native" | "triton".
+        backend: "auto" | "reference" | "native" | "triton" | "cuda_emulated".
 
     Returns:
         ``out`` (B, Cv, H, W), or ``(out, topk_indices (B, H*W, topk) int64)`` if ``topk > 0``.

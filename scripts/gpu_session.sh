@@ -1,41 +1,58 @@
 #!/usr/bin/env bash
-# The GPU bring-up in device calls of at most 10 minutes each (the device tool's limit). Each call
-# builds against the machine's CUDA torch (incremental after the first) and writes into $OUT
-# (set by the device tool; at most 8 files come back):
-#   bash scripts/gpu_session.sh tests   # env.txt, build.log, cuda-tests.log, sanitizer-{memcheck,racecheck}.log
-#   bash scripts/gpu_session.sh bench   # env.txt, build.log, ops.json + its PNG (bf16, 3 objects, T = 2, 6, 21)
-#   bash scripts/gpu_session.sh model   # env.txt, build.log, model.json (end to end, naive baseline too)
-# Unverified until a GPU session runs it: written without a GPU.
+# The GPU bring-up in ONE device call of about 8 minutes on a 16-core H100/H200 (GPU time is
+# scarce: 15 minutes in all, the machine's start included). Writes everything into $OUT (set by
+# the device tool):
+#   bash scripts/gpu_session.sh          # = all: build, CUDA tests, memcheck subset, op benchmark
+#   bash scripts/gpu_session.sh model    # end-to-end model benchmark (a second call, if time is left)
+# Run it with the device tool's timeout_s = 600. Steps and their time limits (about 8 min in all):
+#   env.txt                 versions, GPU, hmmn_ops.backends(); one line per step with its exit code
+#   build.log               pip install -e . for sm_90 only (about 2 min with 16 jobs)
+#   cuda-tests.log          pytest -m cuda over all tests (tests/test_cuda*.py), 180 s
+#   junit-cuda.xml          the same, machine-readable
+#   sanitizer-memcheck.log  compute-sanitizer memcheck over a subset of test_cuda.py, 90 s
+#   ops.json, *.png, bench.log   benchmarks/bench_ops.py (bf16, 3 objects, T = 2, 6, 21), 120 s
+# A step that times out is recorded (exit 124) and the next one runs. Unverified until a GPU
+# session runs it: written without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
-PART=${1:?usage: gpu_session.sh tests|bench|model}
-SAMPLE=${SAMPLE:-"kernel_guided_read or topk_guided_read or local_track"}
+PART=${1:-all}
+SAMPLE=${SAMPLE:-"(kernel_guided_read or topk_guided_read or local_track or gaussian_softmax) and not hmmn"}
+start=$SECONDS
+step() {  # step NAME EXIT_CODE: one line in env.txt
+    echo "step $1: exit $2 at $((SECONDS - start)) s" | tee -a "$OUT/env.txt"
+}
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvcc --version | tail -1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } > "$OUT/env.txt" 2>&1
 
 # sm_90 only: the machine is an H100/H200 and one arch halves the build
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-    python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} HMMN_OPS_CUDA=1 \
+    python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+rc=$?; step build $rc
+[ $rc -eq 0 ] || { tail -50 "$OUT/build.log"; exit 1; }
 python3 -c "import hmmn_ops; print(hmmn_ops.backends())" >> "$OUT/env.txt" 2>&1
 
 case "$PART" in
-tests)
-    timeout 200 python3 -m pytest -q -m cuda --durations=10 2>&1 | tee "$OUT/cuda-tests.log" | tail -5
-    for tool in memcheck racecheck; do
-        timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 \
-            python3 -m pytest -q -m cuda -k "$SAMPLE" -p no:cacheprovider tests/test_cuda.py \
-            > "$OUT/sanitizer-$tool.log" 2>&1
-        echo "compute-sanitizer $tool: exit $? (0 = clean, 9 = errors, 124 = timed out)" | tee -a "$OUT/env.txt"
-    done ;;
-bench)
-    timeout 400 python3 benchmarks/bench_ops.py --device cuda --dtype bfloat16 --objects 3 --frames 2,6,21 \
-        --json "$OUT/ops.json" --plot "$OUT" 2>&1 | tail -40 ;;
+all)
+    timeout 180 python3 -m pytest -q -m cuda -p no:cacheprovider --durations=15 --junitxml="$OUT/junit-cuda.xml" \
+        > "$OUT/cuda-tests.log" 2>&1
+    step cuda-tests $?
+    tail -5 "$OUT/cuda-tests.log"
+    timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python3 -m pytest -q -m cuda -k "$SAMPLE" -p no:cacheprovider tests/test_cuda.py \
+        > "$OUT/sanitizer-memcheck.log" 2>&1
+    step "compute-sanitizer memcheck (0 clean, 9 errors, 124 timed out)" $?
+    timeout 120 python3 benchmarks/bench_ops.py --device cuda --dtype bfloat16 --objects 3 --frames 2,6,21 \
+        --json "$OUT/ops.json" --plot "$OUT" > "$OUT/bench.log" 2>&1
+    step bench-ops $?
+    tail -30 "$OUT/bench.log" ;;
 model)
     timeout 400 python3 benchmarks/bench_model.py --device cuda --objects 1,3 --dtype float32,bfloat16 \
-        --baseline naive --json "$OUT/model.json" 2>&1 | tail -40 ;;
+        --baseline naive --json "$OUT/model.json" 2>&1 | tail -40
+    step bench-model $? ;;
 *)
-    echo "gpu_session.sh: unknown part $PART (tests, bench or model)" >&2; exit 2 ;;
+    echo "gpu_session.sh: unknown part $PART (all or model)" >&2; exit 2 ;;
 esac
+echo "gpu_session.sh: $((SECONDS - start)) s" | tee -a "$OUT/env.txt"

@@ -1,8 +1,15 @@
 // Glue helpers shared by the CUDA launchers in csrc/cuda/*.cu: argument checks with messages
 // that name the argument, the sm_80+ check, the current stream, and the dtype dispatch that
 // maps at::Half / at::BFloat16 to the CUDA types the torch-free kernels use.
+//
+// The same glue also builds for the CUDA emulator (backend "cuda_emulated", csrc/emulator/,
+// HMMN_CUDA_EMULATION defined): kernels run on the CPU, tensors are CPU tensors, the c10/cuda
+// headers come from csrc/emulator/shim, and the ops register under hmmn_ops_emulated.
 #pragma once
 
+#if defined(HMMN_CUDA_EMULATION)
+#include "emulator/emulator.h"  // before the CUDA headers
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -49,10 +56,24 @@ inline DeviceInfo device_info(const at::Tensor& like, const char* op) {
 
 inline std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
 
+// Tensors the kernels run on: CUDA tensors, or CPU tensors in the emulated build.
+#if defined(HMMN_CUDA_EMULATION)
+constexpr const char* kDeviceKind = "CPU (backend cuda_emulated)";
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+#else
+constexpr const char* kDeviceKind = "CUDA";
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+#endif
+
+// t is a tensor the kernels run on, else an error naming it.
+inline void check_device(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(on_kernel_device(t), "hmmn_ops.", op, ": ", name, " must be a ", kDeviceKind, " tensor, got ", t.device());
+}
+
 // t is a CUDA tensor on like's device with `dim` dims and, when dtype is given, that dtype.
 inline void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim, const at::Tensor& like,
                          c10::optional<at::ScalarType> dtype = c10::nullopt) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "hmmn_ops.", op, ": ", name, " must be on ", like.device(),
+  TORCH_CHECK(on_kernel_device(t) && t.device() == like.device(), "hmmn_ops.", op, ": ", name, " must be on ", like.device(),
               ", got ", t.device());
   TORCH_CHECK(t.dim() == dim, "hmmn_ops.", op, ": ", name, " must have ", dim, " dims, got shape ", shape_str(t));
   const at::ScalarType want = dtype ? *dtype : like.scalar_type();
@@ -71,6 +92,14 @@ inline void check_floating(const at::Tensor& t, const char* op, const char* name
 }
 
 }  // namespace hmmn_cuda
+
+// Registers a glue file's kernels: `hmmn_ops` ops for CUDA tensors, or (emulated build)
+// `hmmn_ops_emulated` ops for CPU tensors (schemas: hmmn_ops/backends.py copies hmmn_ops').
+#if defined(HMMN_CUDA_EMULATION)
+#define HMMN_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(hmmn_ops_emulated, CPU, m)
+#else
+#define HMMN_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(hmmn_ops, CUDA, m)
+#endif
 
 // Runs the lambda body with T = the kernels' element type of `dtype`.
 #define HMMN_DISPATCH(dtype, op, ...)                                                  \

@@ -12,7 +12,7 @@ constexpr const char* kOp = "gaussian_softmax";
 
 at::Tensor gaussian_softmax_cuda(const at::Tensor& affinity, const at::Tensor& centers_in, const at::Tensor& sigma_in,
                                  int64_t height, int64_t width) {
-  TORCH_CHECK(affinity.is_cuda(), "hmmn_ops.", kOp, ": affinity must be a CUDA tensor, got ", affinity.device());
+  check_device(affinity, kOp, "affinity");
   check_floating(affinity, kOp, "affinity");
   check_tensor(affinity, kOp, "affinity", 3, affinity);
   check_tensor(centers_in, kOp, "centers", 4, affinity, at::kLong);
@@ -38,7 +38,7 @@ at::Tensor gaussian_softmax_cuda(const at::Tensor& affinity, const at::Tensor& c
 
 at::Tensor gaussian_softmax_backward_cuda(const at::Tensor& grad_output, const at::Tensor& output) {
   constexpr const char* op = "gaussian_softmax_backward";
-  TORCH_CHECK(output.is_cuda(), "hmmn_ops.", op, ": output must be a CUDA tensor, got ", output.device());
+  check_device(output, op, "output");
   check_floating(output, op, "output");
   check_tensor(output, op, "output", 3, output);
   check_tensor(grad_output, op, "grad_output", 3, output);
@@ -61,7 +61,7 @@ at::Tensor gaussian_softmax_backward_cuda(const at::Tensor& grad_output, const a
 }  // namespace
 }  // namespace hmmn_cuda
 
-TORCH_LIBRARY_IMPL(hmmn_ops, CUDA, m) {
+HMMN_CUDA_LIBRARY_IMPL(m) {
   m.impl("gaussian_softmax", &hmmn_cuda::gaussian_softmax_cuda);
   m.impl("gaussian_softmax_backward", &hmmn_cuda::gaussian_softmax_backward_cuda);
 }

@@ -13,7 +13,7 @@ constexpr const char* kOp = "kernel_guided_read";
 // Checks the shared arguments of the forward and backward; returns (B, Ck, Cv, T, H, W).
 std::array<int64_t, 6> check_kgr(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& sigma) {
-  TORCH_CHECK(q.is_cuda(), "hmmn_ops.", kOp, ": query_key must be a CUDA tensor, got ", q.device());
+  check_device(q, kOp, "query_key");
   check_floating(q, kOp, "query_key");
   check_tensor(q, kOp, "query_key", 4, q);
   check_tensor(k, kOp, "memory_key", 5, q);
@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_guided_read_backward_cuda(
 }  // namespace
 }  // namespace hmmn_cuda
 
-TORCH_LIBRARY_IMPL(hmmn_ops, CUDA, m) {
+HMMN_CUDA_LIBRARY_IMPL(m) {
   m.impl("kernel_guided_read", &hmmn_cuda::kernel_guided_read_cuda);
   m.impl("kernel_guided_read_backward", &hmmn_cuda::kernel_guided_read_backward_cuda);
 }

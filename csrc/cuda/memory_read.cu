@@ -23,7 +23,7 @@ struct MrDims {
 // Checks the shared arguments of the forward and backward.
 MrDims check_mr(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& w,
                 const c10::optional<at::Tensor>& e, c10::string_view similarity) {
-  TORCH_CHECK(q.is_cuda(), "hmmn_ops.", kOp, ": query_key must be a CUDA tensor, got ", q.device());
+  check_device(q, kOp, "query_key");
   check_floating(q, kOp, "query_key");
   check_tensor(q, kOp, "query_key", 3, q);
   check_tensor(k, kOp, "memory_key", 3, q);
@@ -213,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_re
 }  // namespace
 }  // namespace hmmn_cuda
 
-TORCH_LIBRARY_IMPL(hmmn_ops, CUDA, m) {
+HMMN_CUDA_LIBRARY_IMPL(m) {
   m.impl("memory_read", &hmmn_cuda::memory_read_cuda);
   m.impl("memory_read_backward", &hmmn_cuda::memory_read_backward_cuda);
 }

@@ -18,7 +18,7 @@ struct TopkDims {
 
 TopkDims check_topk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
                     int64_t ratio) {
-  TORCH_CHECK(q.is_cuda(), "hmmn_ops.", kOp, ": query_key must be a CUDA tensor, got ", q.device());
+  check_device(q, kOp, "query_key");
   check_floating(q, kOp, "query_key");
   check_tensor(q, kOp, "query_key", 4, q);
   check_tensor(k, kOp, "memory_key", 5, q);
@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_guided_read_backward_cuda(
 }  // namespace
 }  // namespace hmmn_cuda
 
-TORCH_LIBRARY_IMPL(hmmn_ops, CUDA, m) {
+HMMN_CUDA_LIBRARY_IMPL(m) {
   m.impl("topk_guided_read", &hmmn_cuda::topk_guided_read_cuda);
   m.impl("topk_guided_read_backward", &hmmn_cuda::topk_guided_read_backward_cuda);
 }

@@ -10,7 +10,7 @@ namespace {
 
 at::Tensor local_track_cuda(const at::Tensor& memory_key, const at::Tensor& query_key, int64_t window) {
   constexpr const char* op = "local_track";
-  TORCH_CHECK(query_key.is_cuda(), "hmmn_ops.", op, ": query_key must be a CUDA tensor, got ", query_key.device());
+  check_device(query_key, op, "query_key");
   check_floating(query_key, op, "query_key");
   check_tensor(query_key, op, "query_key", 4, query_key);
   check_tensor(memory_key, op, "memory_key", 4, query_key);
@@ -31,7 +31,7 @@ at::Tensor local_track_cuda(const at::Tensor& memory_key, const at::Tensor& quer
 
 at::Tensor global_track_cuda(const at::Tensor& memory_key, const at::Tensor& query_key) {
   constexpr const char* op = "global_track";
-  TORCH_CHECK(query_key.is_cuda(), "hmmn_ops.", op, ": query_key must be a CUDA tensor, got ", query_key.device());
+  check_device(query_key, op, "query_key");
   check_floating(query_key, op, "query_key");
   check_tensor(query_key, op, "query_key", 4, query_key);
   check_tensor(memory_key, op, "memory_key", 5, query_key);
@@ -54,7 +54,7 @@ at::Tensor global_track_cuda(const at::Tensor& memory_key, const at::Tensor& que
 }  // namespace
 }  // namespace hmmn_cuda
 
-TORCH_LIBRARY_IMPL(hmmn_ops, CUDA, m) {
+HMMN_CUDA_LIBRARY_IMPL(m) {
   m.impl("local_track", &hmmn_cuda::local_track_cuda);
   m.impl("global_track", &hmmn_cuda::global_track_cuda);
 }

@@ -27,7 +27,8 @@ def run(args):
         rows.append(("gpu", f"{torch.cuda.get_device_name()} sm_{''.join(map(str, torch.cuda.get_device_capability()))}"))
     cfg = hmmn_ops.BUILD_CONFIG
     rows.append(("built against", f"torch {cfg['torch_version']}, CUDA kernels: {cfg['cuda_built']}"
-                 + (f" ({cfg['cuda_archs']})" if cfg["cuda_built"] else "")))
+                 + (f" ({cfg['cuda_archs']})" if cfg["cuda_built"] else "")
+                 + f", CUDA emulator: {cfg.get('cuda_emulated', False)}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -35,7 +36,7 @@ def run(args):
     report = hmmn_ops.backends(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"\nbackends on {device}   (auto = what backend='auto' runs)")
-    names = ("auto", "native", "triton", "reference")
+    names = ("auto", "native", "triton", "reference", "cuda_emulated")
     op_width = max(len(op) for op in FORWARD_OPS)
     print(f"{'op':<{op_width}}  " + "  ".join(f"{n:<9}" for n in names))
     reasons = {}

@@ -39,7 +39,7 @@ inline void launch_softmax_bwd_delta(const T* dout, const T* out, acc_of<T>* D, 
   if (B * N == 0) return;
   const int threads = 256;
   const int64_t blocks = ceil_div(B * N, threads) < 65535 ? ceil_div(B * N, threads) : 65535;
-  softmax_bwd_delta_kernel<T><<<unsigned(blocks), threads, 0, stream>>>(dout, out, D, B, C, N);
+  HMMN_LAUNCH(softmax_bwd_delta_kernel<T>, unsigned(blocks), threads, 0, stream, dout, out, D, B, C, N);
 }
 
 // Forward over one block's rows (sm.row already set): streams columns [k0, k1) and leaves

@@ -3,6 +3,9 @@
 // etc.), so every half/bfloat16 conversion here is explicit.
 #pragma once
 
+#if !defined(__CUDACC__)
+#include "emulator/emulator.h"  // first: it renames the runtime API it implements (see there)
+#endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -23,9 +26,7 @@
 #define HMMN_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
 #define HMMN_SHARED(Type, name, dims) __shared__ Type name dims
 #define HMMN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#else
-#include "emulator/emulator.h"  // defines the three macros for the host compiler
-#endif
+#endif  // the host compiler's come from emulator/emulator.h, included above
 
 namespace hmmn {
 

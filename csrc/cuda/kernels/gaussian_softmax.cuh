@@ -25,7 +25,8 @@ template <typename T> struct GsmParams {
 template <typename T>
 __global__ void __launch_bounds__(kGsmCols * kGsmRows, 1) gsm_fwd_kernel(GsmParams<T> p) {
   using A = acc_of<T>;
-  __shared__ A sm_m[kGsmRows][kGsmCols], sm_l[kGsmRows][kGsmCols];
+  HMMN_SHARED(A, sm_m, [kGsmRows][kGsmCols]);
+  HMMN_SHARED(A, sm_l, [kGsmRows][kGsmCols]);
   const int64_t tiles = ceil_div(p.N, kGsmCols);
   const int64_t b = blockIdx.x / tiles, n = (blockIdx.x % tiles) * kGsmCols + threadIdx.x;
   const bool ok = n < p.N;
@@ -80,7 +81,7 @@ __global__ void __launch_bounds__(kGsmCols * kGsmRows, 1) gsm_fwd_kernel(GsmPara
 template <typename T>
 __global__ void __launch_bounds__(kGsmCols * kGsmRows, 1) gsm_bwd_kernel(GsmParams<T> p) {
   using A = acc_of<T>;
-  __shared__ A sm[kGsmRows][kGsmCols];
+  HMMN_SHARED(A, sm, [kGsmRows][kGsmCols]);
   const int64_t tiles = ceil_div(p.N, kGsmCols);
   const int64_t b = blockIdx.x / tiles, n = (blockIdx.x % tiles) * kGsmCols + threadIdx.x;
   const bool ok = n < p.N;
@@ -103,14 +104,14 @@ __global__ void __launch_bounds__(kGsmCols * kGsmRows, 1) gsm_bwd_kernel(GsmPara
 template <typename T>
 cudaError_t gaussian_softmax_forward(const GsmParams<T>& p, cudaStream_t stream) {
   if (p.B * p.N == 0 || p.M == 0) return cudaSuccess;
-  gsm_fwd_kernel<T><<<unsigned(p.B * ceil_div(p.N, kGsmCols)), dim3(kGsmCols, kGsmRows), 0, stream>>>(p);
+  HMMN_LAUNCH(gsm_fwd_kernel<T>, unsigned(p.B * ceil_div(p.N, kGsmCols)), dim3(kGsmCols, kGsmRows), 0, stream, p);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t gaussian_softmax_backward(const GsmParams<T>& p, cudaStream_t stream) {
   if (p.B * p.N == 0 || p.M == 0) return cudaSuccess;
-  gsm_bwd_kernel<T><<<unsigned(p.B * ceil_div(p.N, kGsmCols)), dim3(kGsmCols, kGsmRows), 0, stream>>>(p);
+  HMMN_LAUNCH(gsm_bwd_kernel<T>, unsigned(p.B * ceil_div(p.N, kGsmCols)), dim3(kGsmCols, kGsmRows), 0, stream, p);
   return cudaGetLastError();
 }
 

@@ -120,10 +120,16 @@ template <typename Cfg, typename T>
 __global__ void __launch_bounds__(Cfg::NT, 1)
     kgr_fwd_kernel(KgrParams<T> p, KgrFwdPlan plan, T* out, acc_of<T>* lse, acc_of<T>* part_o, acc_of<T>* part_lse) {
   using A = acc_of<T>;
-  __shared__ typename Cfg::Smem sm;
-  __shared__ A m[Cfg::RB], l[Cfg::RB], alpha[Cfg::RB], g[Cfg::CB];
-  __shared__ int qy[Cfg::RB], qx[Cfg::RB], cy[Cfg::CB], cx[Cfg::CB];
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  HMMN_SHARED(typename Cfg::Smem, sm, );
+  HMMN_SHARED(A, m, [Cfg::RB]);
+  HMMN_SHARED(A, l, [Cfg::RB]);
+  HMMN_SHARED(A, alpha, [Cfg::RB]);
+  HMMN_SHARED(A, g, [Cfg::CB]);
+  HMMN_SHARED(int, qy, [Cfg::RB]);
+  HMMN_SHARED(int, qx, [Cfg::RB]);
+  HMMN_SHARED(int, cy, [Cfg::CB]);
+  HMMN_SHARED(int, cx, [Cfg::CB]);
+  HMMN_DYNAMIC_SMEM(dyn_smem);
   A* O = reinterpret_cast<A*>(dyn_smem);
 
   const int64_t b = blockIdx.x / plan.nqt, q0 = (blockIdx.x % plan.nqt) * Cfg::RB;
@@ -218,7 +224,7 @@ cudaError_t kgr_forward(const KgrParams<T>& p, const KgrFwdPlan& plan, T* out, a
   acc_of<T>* part_o = plan.nsplit > 1 ? workspace : nullptr;
   acc_of<T>* part_lse = plan.nsplit > 1 ? workspace + plan.nsplit * p.B * p.Cv * p.N : nullptr;
   const dim3 grid(unsigned(p.B * plan.nqt), unsigned(plan.nsplit * plan.ncv));
-  kernel<<<grid, Cfg::NT, size_t(plan.dyn_smem), stream>>>(p, plan, out, lse, part_o, part_lse);
+  HMMN_LAUNCH(kernel, grid, Cfg::NT, size_t(plan.dyn_smem), stream, p, plan, out, lse, part_o, part_lse);
   if (plan.nsplit > 1) return split_forward_combine(part_o, part_lse, out, lse, plan.nsplit, p.B, p.Cv, p.N, stream);
   return cudaGetLastError();
 }
@@ -266,7 +272,9 @@ template <typename A> struct WarpTopk {
       int64_t rank = 0;  // entries that beat the candidate
       for (int64_t e = lane; e < cnt; e += 32) rank += topk_better(lk[e], li[e], ck, ci) ? 1 : 0;
       for (int o = 16; o > 0; o >>= 1) rank += __shfl_xor_sync(0xffffffffu, rank, o);
-      __syncwarp();  // every lane's reads of the list are done before the shift writes it
+      // Every lane has read the list before lane 0 writes lk[rank]: when rank == k - 1 the
+      // shift (and its __syncwarp) is skipped, and shuffles do not order memory.
+      __syncwarp();
       const int64_t grown = imin(cnt + 1, k);
       // Shift entries [rank, grown - 1) down by one, 32 at a time from the end: each round
       // reads before it writes, and never reads what an earlier round wrote.
@@ -305,11 +313,12 @@ __global__ void __launch_bounds__(kTopkWarps * 32, 1)
     kgr_topk_kernel(KgrParams<T> p, const int64_t* __restrict__ frames, int64_t F, int64_t k, acc_of<T>* keys,
                     int64_t* idx) {
   using A = acc_of<T>;
-  __shared__ A ks[kTopkCC][33];
-  __shared__ A qs[kTopkWarps][kTopkCC];
-  __shared__ int64_t cpos[32];
-  __shared__ int cy[32], cx[32];
-  __shared__ A g[32];
+  HMMN_SHARED(A, ks, [kTopkCC][33]);
+  HMMN_SHARED(A, qs, [kTopkWarps][kTopkCC]);
+  HMMN_SHARED(int64_t, cpos, [32]);
+  HMMN_SHARED(int, cy, [32]);
+  HMMN_SHARED(int, cx, [32]);
+  HMMN_SHARED(A, g, [32]);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t groups = ceil_div(p.N, kTopkWarps);
   const int64_t b = blockIdx.x / groups, qbase = (blockIdx.x % groups) * kTopkWarps, q = qbase + warp;
@@ -355,7 +364,8 @@ template <typename T>
 cudaError_t kgr_topk(const KgrParams<T>& p, const int64_t* frames, int64_t F, int64_t k, acc_of<T>* keys, int64_t* idx,
                      cudaStream_t stream) {
   if (p.B * p.N == 0 || k == 0) return cudaSuccess;
-  kgr_topk_kernel<T><<<unsigned(p.B * ceil_div(p.N, kTopkWarps)), kTopkWarps * 32, 0, stream>>>(p, frames, F, k, keys, idx);
+  HMMN_LAUNCH(kgr_topk_kernel<T>, unsigned(p.B * ceil_div(p.N, kTopkWarps)), kTopkWarps * 32, 0, stream, p, frames, F,
+              k, keys, idx);
   return cudaGetLastError();
 }
 
@@ -368,10 +378,15 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
     kgr_dq_kernel(KgrParams<T> p, const T* dout, const acc_of<T>* lse, const acc_of<T>* D, T* dq, int64_t nqt,
                   int64_t ckb) {
   using A = acc_of<T>;
-  __shared__ typename Cfg::Smem sm;
-  __shared__ A lse_r[Cfg::RB], D_r[Cfg::RB], g[Cfg::CB];
-  __shared__ int qy[Cfg::RB], qx[Cfg::RB], cy[Cfg::CB], cx[Cfg::CB];
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  HMMN_SHARED(typename Cfg::Smem, sm, );
+  HMMN_SHARED(A, lse_r, [Cfg::RB]);
+  HMMN_SHARED(A, D_r, [Cfg::RB]);
+  HMMN_SHARED(A, g, [Cfg::CB]);
+  HMMN_SHARED(int, qy, [Cfg::RB]);
+  HMMN_SHARED(int, qx, [Cfg::RB]);
+  HMMN_SHARED(int, cy, [Cfg::CB]);
+  HMMN_SHARED(int, cx, [Cfg::CB]);
+  HMMN_DYNAMIC_SMEM(dyn_smem);
   A* acc = reinterpret_cast<A*>(dyn_smem);
 
   const int64_t b = blockIdx.x / nqt, q0 = (blockIdx.x % nqt) * Cfg::RB;
@@ -397,10 +412,15 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
     kgr_dkdv_kernel(KgrParams<T> p, const T* dout, const acc_of<T>* lse, const acc_of<T>* D, T* dk, T* dv,
                     int64_t nmt, int64_t ob, int64_t ncv) {
   using A = acc_of<T>;
-  __shared__ typename Cfg::Smem sm;
-  __shared__ A lse_c[Cfg::CB], D_c[Cfg::CB], g[Cfg::RB];
-  __shared__ int qy[Cfg::CB], qx[Cfg::CB], cy[Cfg::RB], cx[Cfg::RB];
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  HMMN_SHARED(typename Cfg::Smem, sm, );
+  HMMN_SHARED(A, lse_c, [Cfg::CB]);
+  HMMN_SHARED(A, D_c, [Cfg::CB]);
+  HMMN_SHARED(A, g, [Cfg::RB]);
+  HMMN_SHARED(int, qy, [Cfg::CB]);
+  HMMN_SHARED(int, qx, [Cfg::CB]);
+  HMMN_SHARED(int, cy, [Cfg::RB]);
+  HMMN_SHARED(int, cx, [Cfg::RB]);
+  HMMN_DYNAMIC_SMEM(dyn_smem);
   A* acc = reinterpret_cast<A*>(dyn_smem);
 
   const int64_t b = blockIdx.x / nmt, p0 = (blockIdx.x % nmt) * Cfg::RB;
@@ -444,8 +464,8 @@ cudaError_t kgr_backward(const KgrParams<T>& p, const T* dout, const T* out, con
   cudaError_t err = allow_dynamic_smem(dq_kernel, accumulator_bytes<Cfg>(ckb));
   if (err != cudaSuccess) return err;
   if (p.N > 0)
-    dq_kernel<<<dim3(unsigned(p.B * nqt), unsigned(ceil_div(p.Ck, ckb))), Cfg::NT, size_t(accumulator_bytes<Cfg>(ckb)),
-                stream>>>(p, dout, lse, D, dq, nqt, ckb);
+    HMMN_LAUNCH(dq_kernel, dim3(unsigned(p.B * nqt), unsigned(ceil_div(p.Ck, ckb))), Cfg::NT,
+                size_t(accumulator_bytes<Cfg>(ckb)), stream, p, dout, lse, D, dq, nqt, ckb);
 
   const auto dkdv_kernel = kgr_dkdv_kernel<Cfg, T>;
   const int64_t ob = accumulator_chunk<Cfg>(imax(p.Ck, p.Cv), dynamic_smem_budget(dkdv_kernel, smem_optin));
@@ -453,8 +473,8 @@ cudaError_t kgr_backward(const KgrParams<T>& p, const T* dout, const T* out, con
   err = allow_dynamic_smem(dkdv_kernel, accumulator_bytes<Cfg>(ob));
   if (err != cudaSuccess) return err;
   if (p.M > 0)
-    dkdv_kernel<<<dim3(unsigned(p.B * nmt), unsigned(ncv + nck)), Cfg::NT, size_t(accumulator_bytes<Cfg>(ob)),
-                  stream>>>(p, dout, lse, D, dk, dv, nmt, ob, ncv);
+    HMMN_LAUNCH(dkdv_kernel, dim3(unsigned(p.B * nmt), unsigned(ncv + nck)), Cfg::NT,
+                size_t(accumulator_bytes<Cfg>(ob)), stream, p, dout, lse, D, dk, dv, nmt, ob, ncv);
   return cudaGetLastError();
 }
 

@@ -211,7 +211,12 @@ template <typename K>
 inline int64_t dynamic_smem_budget(K kernel, int64_t smem_optin) {
   cudaFuncAttributes attr{};
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return 0;
-  return imin(int64_t(64) << 10, smem_optin - int64_t(attr.sharedSizeBytes));
+  const int64_t budget = imin(int64_t(64) << 10, smem_optin - int64_t(attr.sharedSizeBytes));
+#if !defined(__CUDACC__)
+  return hmmn_emu::cap_dynamic_smem_budget(budget);  // test hook: small sizes take several chunks
+#else
+  return budget;
+#endif
 }
 
 // Opts a kernel into `dyn` bytes of dynamic shared memory (above the 48 KiB default).

@@ -102,9 +102,11 @@ template <typename Cfg, typename T>
 __global__ void __launch_bounds__(Cfg::NT, 1)
     topk_fwd_kernel(TopkParams<T> p, int64_t nqc, int64_t cvb, T* out, acc_of<T>* lse) {
   using A = acc_of<T>;
-  __shared__ typename Cfg::Smem sm;
-  __shared__ A m[Cfg::RB], l[Cfg::RB], alpha[Cfg::RB];
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  HMMN_SHARED(typename Cfg::Smem, sm, );
+  HMMN_SHARED(A, m, [Cfg::RB]);
+  HMMN_SHARED(A, l, [Cfg::RB]);
+  HMMN_SHARED(A, alpha, [Cfg::RB]);
+  HMMN_DYNAMIC_SMEM(dyn_smem);
   A* O = reinterpret_cast<A*>(dyn_smem);
 
   const int64_t qc = blockIdx.x % nqc, bc = blockIdx.x / nqc, b = bc / p.Nc, cell = bc % p.Nc;
@@ -131,9 +133,10 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
     topk_dq_kernel(TopkParams<T> p, const T* dout, const acc_of<T>* lse, const acc_of<T>* D, T* dq, int64_t nqc,
                    int64_t ckb) {
   using A = acc_of<T>;
-  __shared__ typename Cfg::Smem sm;
-  __shared__ A lse_r[Cfg::RB], D_r[Cfg::RB];
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  HMMN_SHARED(typename Cfg::Smem, sm, );
+  HMMN_SHARED(A, lse_r, [Cfg::RB]);
+  HMMN_SHARED(A, D_r, [Cfg::RB]);
+  HMMN_DYNAMIC_SMEM(dyn_smem);
   A* acc = reinterpret_cast<A*>(dyn_smem);
 
   const int64_t qc = blockIdx.x % nqc, bc = blockIdx.x / nqc, b = bc / p.Nc, cell = bc % p.Nc;
@@ -159,8 +162,9 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
     topk_dkdv_atomic_kernel(TopkParams<T> p, const T* dout, const acc_of<T>* lse, const acc_of<T>* D, acc_of<T>* gk,
                             acc_of<T>* gv, int64_t nrt, int64_t ob, int64_t ncv) {
   using A = acc_of<T>;
-  __shared__ typename Cfg::Smem sm;
-  __shared__ A lse_c[Cfg::CB], D_c[Cfg::CB];
+  HMMN_SHARED(typename Cfg::Smem, sm, );
+  HMMN_SHARED(A, lse_c, [Cfg::CB]);
+  HMMN_SHARED(A, D_c, [Cfg::CB]);
 
   const int64_t rt = blockIdx.x % nrt, bc = blockIdx.x / nrt, b = bc / p.Nc, cell = bc % p.Nc;
   const bool want_dv = blockIdx.y < ncv;
@@ -190,9 +194,10 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
                          const int64_t* ref_off, const int64_t* ref_cell, T* dk, T* dv, int64_t nrc, int64_t ob,
                          int64_t ncv) {
   using A = acc_of<T>;
-  __shared__ typename Cfg::Smem sm;
-  __shared__ A lse_c[Cfg::CB], D_c[Cfg::CB];
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  HMMN_SHARED(typename Cfg::Smem, sm, );
+  HMMN_SHARED(A, lse_c, [Cfg::CB]);
+  HMMN_SHARED(A, D_c, [Cfg::CB]);
+  HMMN_DYNAMIC_SMEM(dyn_smem);
   A* acc = reinterpret_cast<A*>(dyn_smem);
 
   const int64_t rc = blockIdx.x % nrc, bm = blockIdx.x / nrc, b = bm / (p.Tm * p.Nc), mcell = bm % (p.Tm * p.Nc);
@@ -231,8 +236,8 @@ cudaError_t topk_forward(const TopkParams<T>& p, T* out, acc_of<T>* lse, int64_t
   const int64_t nqc = ceil_div(p.r * p.r, Cfg::RB);
   cudaError_t err = allow_dynamic_smem(kernel, accumulator_bytes<Cfg>(cvb));
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(unsigned(p.B * p.Nc * nqc), unsigned(ceil_div(p.Cv, cvb))), Cfg::NT,
-           size_t(accumulator_bytes<Cfg>(cvb)), stream>>>(p, nqc, cvb, out, lse);
+  HMMN_LAUNCH(kernel, dim3(unsigned(p.B * p.Nc * nqc), unsigned(ceil_div(p.Cv, cvb))), Cfg::NT,
+              size_t(accumulator_bytes<Cfg>(cvb)), stream, p, nqc, cvb, out, lse);
   return cudaGetLastError();
 }
 
@@ -248,8 +253,8 @@ cudaError_t topk_backward_dq(const TopkParams<T>& p, const T* dout, const T* out
   const int64_t nqc = ceil_div(p.r * p.r, Cfg::RB);
   cudaError_t err = allow_dynamic_smem(kernel, accumulator_bytes<Cfg>(ckb));
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(unsigned(p.B * p.Nc * nqc), unsigned(ceil_div(p.Ck, ckb))), Cfg::NT,
-           size_t(accumulator_bytes<Cfg>(ckb)), stream>>>(p, dout, lse, D, dq, nqc, ckb);
+  HMMN_LAUNCH(kernel, dim3(unsigned(p.B * p.Nc * nqc), unsigned(ceil_div(p.Ck, ckb))), Cfg::NT,
+              size_t(accumulator_bytes<Cfg>(ckb)), stream, p, dout, lse, D, dq, nqc, ckb);
   return cudaGetLastError();
 }
 
@@ -261,8 +266,9 @@ cudaError_t topk_backward_dkdv_atomic(const TopkParams<T>& p, const T* dout, con
   if (p.B * p.Nc == 0) return cudaSuccess;
   const int64_t ob = 4 * Cfg::VC;  // no block accumulator: results go straight to the atomics
   const int64_t nrt = ceil_div(p.K * p.r * p.r, Cfg::RB), ncv = ceil_div(p.Cv, ob), nck = ceil_div(p.Ck, ob);
-  topk_dkdv_atomic_kernel<Cfg, T><<<dim3(unsigned(p.B * p.Nc * nrt), unsigned(ncv + nck)), Cfg::NT, 0, stream>>>(
-      p, dout, lse, D, gk, gv, nrt, ob, ncv);
+  const auto kernel = topk_dkdv_atomic_kernel<Cfg, T>;
+  HMMN_LAUNCH(kernel, dim3(unsigned(p.B * p.Nc * nrt), unsigned(ncv + nck)), Cfg::NT, 0, stream, p, dout, lse, D, gk,
+              gv, nrt, ob, ncv);
   return cudaGetLastError();
 }
 
@@ -278,8 +284,8 @@ cudaError_t topk_backward_dkdv_deterministic(const TopkParams<T>& p, const T* do
   const int64_t nrc = ceil_div(p.r * p.r, Cfg::RB), ncv = ceil_div(p.Cv, ob), nck = ceil_div(p.Ck, ob);
   cudaError_t err = allow_dynamic_smem(kernel, accumulator_bytes<Cfg>(ob));
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(unsigned(p.B * p.Tm * p.Nc * nrc), unsigned(ncv + nck)), Cfg::NT, size_t(accumulator_bytes<Cfg>(ob)),
-           stream>>>(p, dout, lse, D, ref_off, ref_cell, dk, dv, nrc, ob, ncv);
+  HMMN_LAUNCH(kernel, dim3(unsigned(p.B * p.Tm * p.Nc * nrc), unsigned(ncv + nck)), Cfg::NT,
+              size_t(accumulator_bytes<Cfg>(ob)), stream, p, dout, lse, D, ref_off, ref_cell, dk, dv, nrc, ob, ncv);
   return cudaGetLastError();
 }
 

@@ -41,7 +41,7 @@ cudaError_t local_track(const T* mk, const T* qk, int64_t* out, int64_t B, int64
   if (B * H * W == 0) return cudaSuccess;
   const int threads = 128;
   const int64_t blocks = imin(ceil_div(B * H * W, threads), int64_t(1) << 20);
-  local_track_kernel<T><<<unsigned(blocks), threads, 0, stream>>>(mk, qk, out, B, C, H, W, window / 2);
+  HMMN_LAUNCH(local_track_kernel<T>, unsigned(blocks), threads, 0, stream, mk, qk, out, B, C, H, W, window / 2);
   return cudaGetLastError();
 }
 
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
                         int64_t N, int64_t M, int64_t nmt) {
   using A = acc_of<T>;
   static_assert(Cfg::TX <= 32 && (Cfg::TX & (Cfg::TX - 1)) == 0 && 32 % Cfg::TX == 0, "row threads share a warp");
-  __shared__ typename Cfg::Smem sm;
+  HMMN_SHARED(typename Cfg::Smem, sm, );
   const int64_t b = blockIdx.x / nmt, p0 = (blockIdx.x % nmt) * Cfg::RB;
   const auto K = channels_first(mk + b * C * M, C, M);
   const auto Q = channels_first(qk + b * C * N, C, N);
@@ -110,7 +110,8 @@ cudaError_t global_track(const T* mk, const T* qk, int64_t* out, int64_t B, int6
   using Cfg = typename Tiles<acc_of<T>>::Square;
   if (B * M == 0) return cudaSuccess;
   const int64_t nmt = ceil_div(M, Cfg::RB);
-  global_track_kernel<Cfg, T><<<unsigned(B * nmt), Cfg::NT, 0, stream>>>(mk, qk, out, C, N, M, nmt);
+  const auto kernel = global_track_kernel<Cfg, T>;
+  HMMN_LAUNCH(kernel, unsigned(B * nmt), Cfg::NT, 0, stream, mk, qk, out, C, N, M, nmt);
   return cudaGetLastError();
 }
 
