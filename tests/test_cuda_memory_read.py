@@ -18,7 +18,7 @@ branch: ``HMMN_OPS_CUDA_PLAN`` forces memory splits and smaller channel chunks.
 import pytest
 import torch
 
-from hmmn_ops import backends, reference
+from hmmn_ops import reference
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 TOL = {F32: dict(rtol=2e-5, atol=2e-5), F64: dict(rtol=1e-10, atol=1e-10)}
@@ -31,8 +31,15 @@ KINDS = {"dot": ("dot", False, False), "l2": ("l2", False, False), "l2+w": ("l2"
 FORCED = "split=3,smem=8448"
 
 
+class _Ops:
+    """memory_read / memory_read_backward of a cuda_target (canonical arguments)."""
+
+    def __init__(self, target):
+        self.memory_read, self.memory_read_backward = target.op("memory_read"), target.op("memory_read_backward")
+
+
 def _ops(target):
-    return backends.implementation(target.backend, "memory_read", target.device)
+    return _Ops(target)
 
 
 def _args(target, kind, B=2, Ck=5, Cv=6, Nq=11, Nm=37, dtype=F32, values=None, layout=None):
@@ -97,7 +104,7 @@ def _check_forward(got, want, args, exact_indices):
 
 @pytest.mark.parametrize("topk", [0, 1, 30, 37])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
 def test_forward(cuda_target, kind, topk, dtype):
     args = _args(cuda_target, kind, dtype=dtype)
     got = _ops(cuda_target).memory_read(*args, topk, True)
@@ -126,7 +133,7 @@ def test_topk_ties_exact(cuda_target, kind, topk):
     _check_forward(got, want, args, exact_indices=True)
 
 
-@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("kind", ["dot", "l2+w+e"])
 @pytest.mark.parametrize("topk", [0, 5])
 def test_forward_half(cuda_target, kind, topk, dtype):
@@ -211,7 +218,7 @@ def _check_backward(target, args, topk, dtype, forced=None, monkeypatch=None):
 
 @pytest.mark.parametrize("topk", [0, 1, 30])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
 def test_backward(cuda_target, kind, topk, dtype):
     _check_backward(cuda_target, _args(cuda_target, kind, dtype=dtype), topk, dtype)
 
@@ -223,7 +230,7 @@ def test_backward_forced_chunks(cuda_target, kind, monkeypatch):
                     FORCED, monkeypatch)
 
 
-@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("kind", ["dot", "l2+w+e"])
 @pytest.mark.parametrize("topk", [0, 5])
 def test_backward_half(cuda_target, kind, topk, dtype):
