@@ -395,3 +395,58 @@ def flex_read(query_key, memory_key, memory_value, centers=None, sigma=None, *, 
     if topk > 0:
         return out, _dense_topk(query_key, memory_key, centers, sigma, s, topk, topk_frames)
     return out
+
+
+# ---------------------------------------------------------------- memory_read (STCN / XMem / Cutie / DEVA / AOT)
+
+
+def dense_memory_read(query_key, memory_key, memory_value, memory_shrinkage=None, query_selection=None, *,
+                      similarity="dot", scale=None, topk=0, return_usage=False):
+    """memory_read the way STCN's and XMem's released code computes it (re-written from their
+    description): the whole ``Nm x Nq`` similarity (XMem's ``get_similarity``: ``-a_sq + 2ab - b_sq``
+    times shrinkage / sqrt(Ck); STCN's ``2ab - a_sq``), then ``torch.topk`` over memory, ``exp`` of
+    the top values, normalise, scatter into the (zeroed, reused) similarity matrix; or the
+    max-subtracted full softmax; then ``V @ affinity``; usage = ``affinity.sum(dim=2)``.
+
+    Differences from hmmn_ops: the top-k ``exp`` of the raw values (no max subtracted) gives 0/0
+    where every selected score is below about -87 in float32 (hmmn_ops works in log space);
+    ``b_sq`` is kept whenever a shrinkage is given (XMem drops it without a selection term, a
+    different function; its released models always pass the selection).
+    """
+    B, Ck = memory_key.shape[:2]
+    scale = _scale(scale, Ck)
+    mk, qk = memory_key.flatten(2), query_key.flatten(2)
+    if similarity == "dot":
+        sim = mk.transpose(1, 2) @ qk                                             # B, Nm, Nq
+    else:
+        qe = None if query_selection is None else query_selection.flatten(2)
+        if qe is not None:
+            mkt = mk.transpose(1, 2)
+            sim = 2 * (mkt @ (qk * qe)) - mkt.pow(2) @ qe - (qe * qk.pow(2)).sum(1, keepdim=True)
+        else:
+            sim = 2 * (mk.transpose(1, 2) @ qk) - mk.pow(2).sum(1).unsqueeze(2)
+            if memory_shrinkage is not None:
+                sim -= qk.pow(2).sum(1, keepdim=True)
+    if memory_shrinkage is not None:
+        sim *= memory_shrinkage.flatten(1).unsqueeze(2) * scale
+    else:
+        sim *= scale
+    if topk:
+        values, indices = torch.topk(sim, k=topk, dim=1)
+        x_exp = values.exp_()
+        x_exp /= torch.sum(x_exp, dim=1, keepdim=True)
+        affinity = sim.zero_().scatter_(1, indices, x_exp)
+    else:
+        affinity = torch.exp(sim - torch.max(sim, dim=1, keepdim=True)[0])
+        affinity /= torch.sum(affinity, dim=1, keepdim=True)
+    out = torch.bmm(memory_value.flatten(2), affinity).view(*memory_value.shape[:2], *query_key.shape[2:])
+    if return_usage:
+        return out, affinity.sum(dim=2).view(B, *memory_key.shape[2:])
+    return out
+
+
+def gemm_bound(query_key, memory_key, memory_value):
+    """The two products of a full read alone, ``K^T Q`` and ``V S``, with nothing between them:
+    the time a fused full read (topk=0) cannot beat. A yardstick, not the same function."""
+    scores = memory_key.flatten(2).transpose(1, 2) @ query_key.flatten(2)
+    return torch.bmm(memory_value.flatten(2), scores)

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baselines as bl  # noqa: E402
 import common  # noqa: E402
-from plot_ops import plot_t_sweep  # noqa: E402
+from plot_ops import plot_memory_read, plot_t_sweep  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,6 +34,7 @@ OPS = (
     "gaussian_softmax",
     "kernel_guided_read_backward",
     "topk_guided_read_backward",
+    "memory_read",
 )
 BACKENDS = ("native", "triton", "reference", "auto")
 BASELINES = ("naive", "dense", "bmm_softmax_bmm", "sdpa", "flex")
@@ -46,6 +47,27 @@ SHAPES = {
     "480p": dict(res4=(30, 54), T=6, key4=128, val4=512, key3=128, val3=256, k3=32, key2=64, val2=128, k2=8),
     "1080p": dict(res4=(68, 120), T=10, key4=128, val4=512, key3=128, val3=256, k3=32, key2=64, val2=128, k2=8),
     "train": dict(res4=(24, 24), T=2, key4=128, val4=512, key3=128, val3=256, k3=32, key2=64, val2=128, k2=8, B=4),
+}
+# memory_read (docs/recipes.md) at 1/16 of the frame: XMem / Cutie / DEVA (key 64, value 512,
+# top-30, shrinkage and selection, working + long-term memory as Nm tokens, usage), STCN (top-20,
+# memory frames (T, H, W), no shrinkage), and full reads (topk=0) of both similarities.
+# Q / M: the trailing shapes of the query and the memory.
+MEMORY_READS = {
+    "480p": {
+        "xmem": dict(Q=(30, 54), M=(28000,), Ck=64, Cv=512, topk=30, similarity="l2", terms=True, usage=True),
+        "stcn": dict(Q=(30, 54), M=(16, 30, 54), Ck=64, Cv=512, topk=20, similarity="l2", terms=False, usage=False),
+        "full-dot": dict(Q=(30, 54), M=(28000,), Ck=64, Cv=512, topk=0, similarity="dot", terms=False, usage=False),
+        "full-l2": dict(Q=(30, 54), M=(28000,), Ck=64, Cv=512, topk=0, similarity="l2", terms=True, usage=False),
+    },
+    "1080p": {
+        "xmem": dict(Q=(68, 120), M=(92000,), Ck=64, Cv=512, topk=30, similarity="l2", terms=True, usage=True),
+    },
+    "small": {
+        "xmem": dict(Q=(5, 8), M=(300,), Ck=8, Cv=16, topk=5, similarity="l2", terms=True, usage=True),
+        "stcn": dict(Q=(5, 8), M=(3, 5, 8), Ck=8, Cv=16, topk=4, similarity="l2", terms=False, usage=False),
+        "full-dot": dict(Q=(5, 8), M=(300,), Ck=8, Cv=16, topk=0, similarity="dot", terms=False, usage=False),
+        "full-l2": dict(Q=(5, 8), M=(300,), Ck=8, Cv=16, topk=0, similarity="l2", terms=True, usage=False),
+    },
 }
 WINDOW = 7
 SIGMA_INIT, SIGMA_FACTOR = 3.0, 0.5
@@ -60,6 +82,7 @@ class Baseline:
     fn: Callable            # fn(*tensors) -> outputs
     same_function: bool = True
     need_mb: float = 0.0    # rough peak estimate: skipped when it would not fit
+    skip: str = ""          # a reason not to run it here (then only need_mb is reported)
     flag: str = ""          # the --baselines name that selects it (default: name)
 
     def __post_init__(self):
@@ -93,7 +116,10 @@ class Case:
             dims.append(f"{s['Ck']}/{s['Cv']}" if "Cv" in s else f"C{s['Ck']}")
         if "T" in s:
             dims.append(f"T{s['T']}")
-        dims.append(f"{s['H']}x{s['W']}")
+        if "Nq" in s:
+            dims.append(f"Nq{s['Nq']} Nm{s['Nm']}")
+        else:
+            dims.append(f"{s['H']}x{s['W']}")
         for key, fmt in (("r", "r{}"), ("k", "k{}"), ("topk", "top{}"), ("window", "w{}")):
             if s.get(key):
                 dims.append(fmt.format(s[key]))
@@ -343,6 +369,42 @@ class Builder:
         return Case("topk_guided_read_backward", "res3", d, setup, (flops, "TFLOP/s"), **case_kw)
 
 
+    # -- memory_read: the fused read against the released codes' dense read
+    def memory_read(self, res, variant, big=False, **case_kw):
+        d = MEMORY_READS[res][variant]
+        Q, M, Ck, Cv, topk, sim = d["Q"], d["M"], d["Ck"], d["Cv"], d["topk"], d["similarity"]
+        B, Nq, Nm = self.B, math.prod(d["Q"]), math.prod(d["M"])
+        shape = dict(B=B, Ck=Ck, Cv=Cv, Nq=Nq, Nm=Nm, topk=topk, similarity=sim, Q=list(Q), M=list(M),
+                     shrinkage=d["terms"], selection=d["terms"], usage=d["usage"])
+        kw = dict(similarity=sim, topk=topk, return_usage=d["usage"])
+
+        def setup():
+            import hmmn_ops
+
+            tensors = (self.randn(B, Ck, *Q), self.randn(B, Ck, *M), self.randn(B, Cv, *M))
+            if d["terms"]:  # XMem: shrinkage = s^2 + 1 >= 1, selection = sigmoid(.) in (0, 1)
+                tensors += (torch.rand(B, 1, *M, device=self.device, dtype=self.dtype) + 1,
+                            torch.rand(B, Ck, *Q, device=self.device, dtype=self.dtype))
+
+            def call(backend, q, k, v, w=None, e=None):
+                return hmmn_ops.memory_read(q, k, v, memory_shrinkage=w, query_selection=e, **kw, backend=backend)
+
+            dense = Baseline("dense", lambda q, k, v, w=None, e=None: bl.dense_memory_read(q, k, v, w, e, **kw), True,
+                             self.dense_mb(B, Nm, Nq, 2))
+            if big and not self.cuda and not self.explicit:
+                dense.skip = (f"skipped on the CPU: needs ~{dense.need_mb / 1024:.1f} GB for the score matrix and "
+                              f"its temporaries (name it in --baselines to run it)")
+            base = [dense]
+            if topk == 0:  # the two products alone, as one yardstick for both similarities
+                base.append(Baseline("gemm_bound", lambda q, k, v, *terms: bl.gemm_bound(q, k, v), False,
+                                     self.dense_mb(B, Nm, Nq, 1), flag="dense"))
+            return Setup(tensors, call, base)
+
+        # score products over all memory (+ the read of the k selected, or the full value product)
+        flops = 2 * B * Nq * Nm * Ck + 2 * B * Nq * (topk * (Ck + Cv) if topk else Nm * Cv)
+        return Case("memory_read", variant, shape, setup, (flops, "TFLOP/s"), **case_kw)
+
+
 def _forward_backward(fn, inputs, grad):
     """Gradients of <fn(*inputs), grad> with respect to the inputs (fresh leaves each call)."""
     leaves = [x.detach().requires_grad_() for x in inputs]
@@ -379,6 +441,15 @@ def build_cases(args, device, dtype):
         cases.append(builder.read(SHAPES["1080p"], SHAPES["1080p"]["T"], "gauss+top",
                                   check=device.type == "cuda", budget_scale=0.0,
                                   only=("naive", "dense", "sdpa", "flex")))
+    if "memory_read" in args.ops:
+        for res in args.res:
+            for variant in MEMORY_READS[res]:
+                big = res == "1080p"
+                # one timed call at 1080p, unchecked on a CPU (the float64 reference costs minutes there)
+                cases.append(builder.memory_read(res, variant, big, check=not big or device.type == "cuda",
+                                                 budget_scale=0.0 if big else 1.0))
+        if args.big:
+            cases.append(builder.memory_read("1080p", "xmem", True, check=device.type == "cuda", budget_scale=0.0))
     for T in args.sweep:
         cases.append(builder.read(SHAPES["small" if args.quick else "480p"], T, "gauss+top+track",
                                   check=False, sweep="T", budget_scale=0.5, only=("naive",)))
@@ -477,7 +548,9 @@ def run_case(case, args, device, backends, log):
         if b.flag not in args.baselines or (case.only and b.name not in case.only):
             continue
         limit = args.mem_limit * 1024 if args.mem_limit else 0.4 * common.available_memory_mb(device)
-        if b.need_mb > limit:
+        if b.skip:
+            bases[b] = Result(note=b.skip)
+        elif b.need_mb > limit:
             bases[b] = Result(note=f"skipped: needs ~{b.need_mb / 1024:.1f} GB (estimated), "
                                    f"limit {limit / 1024:.1f} GB (--mem-limit)")
         else:
@@ -635,7 +708,8 @@ def _csv(kind, choices=None):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", type=_csv(str, OPS), default=None,
-                   help="comma-separated ops (default: all; the *_backward ones only on CUDA)")
+                   help="comma-separated ops (default: all but memory_read; the *_backward ones only on CUDA); "
+                        "--ops memory_read: the XMem / STCN / full-read table")
     p.add_argument("--res", "--shapes", dest="res", type=_csv(str, ("small", "480p", "1080p")), default=None,
                    help="shape presets: small, 480p, 1080p (default 480p; small with --quick)")
     p.add_argument("--frames", type=_csv(int), default=None,
@@ -672,7 +746,8 @@ def resolve(args):
         sys.exit("--device cuda: no CUDA device is available here")
     cuda = device.type == "cuda"
     if args.ops is None:
-        args.ops = [op for op in OPS if cuda or args.quick or not op.endswith("_backward")]
+        # memory_read has its own table (--ops memory_read); the backward rows run on CUDA
+        args.ops = [op for op in OPS if op != "memory_read" and (cuda or args.quick or not op.endswith("_backward"))]
     if args.res is None:
         args.res = ["small"] if args.quick else ["480p"]
     if args.dtype is None:
@@ -686,8 +761,8 @@ def resolve(args):
         args.repeats = 3 if args.quick else (50 if cuda else 10)
     if args.budget is None:
         args.budget = 0.05 if args.quick else (0.5 if cuda else 1.0)
-    if args.sweep is None:
-        args.sweep = [1, 2, 3] if args.quick else [2, 5, 10, 15, 20]
+    if args.sweep is None:  # the sweep is of kernel_guided_read
+        args.sweep = [] if "kernel_guided_read" not in args.ops else [1, 2, 3] if args.quick else [2, 5, 10, 15, 20]
     if args.quick or "480p" not in args.res or "1080p" in args.res:
         args.big = False
     if args.objects < 1:
@@ -753,14 +828,18 @@ def main(argv=None):
     # --quick saves only where told to, so it never replaces a recorded run
     json_path = args.json
     if json_path is None and not (args.quick or args.no_save):
+        name = "memory_read" if args.ops == ["memory_read"] else "ops"
         json_path = os.path.join(HERE, "results", common.device_slug(device),
-                                 f"ops_{'-'.join(args.res)}_{'-'.join(args.dtype)}.json")
+                                 f"{name}_{'-'.join(args.res)}_{'-'.join(args.dtype)}.json")
     if json_path:
         common.write_json(json_path, dict(meta=meta, records=records))
         print(f"wrote {json_path}")
     plot_dir = args.plot or (json_path and os.path.dirname(os.path.abspath(json_path)))
     if plot_dir and sweep_rows:
         for path in plot_t_sweep(records, plot_dir):
+            print(f"wrote {path}")
+    if plot_dir and any(r["op"] == "memory_read" for r in records):
+        for path in plot_memory_read(records, plot_dir):
             print(f"wrote {path}")
     return 0
 

@@ -224,3 +224,57 @@ def test_bench_ops_quick_smoke(tmp_path):
             assert r["max_err"] < 1e-3, r  # float32 vs the float64 reference
     assert (plot_dir / "t_sweep_float32.png").stat().st_size > 0
     assert "kernel_guided_read" in proc.stdout and "speedup" in proc.stdout
+
+
+# ---------------------------------------------------------------- memory_read
+
+
+@pytest.mark.parametrize("similarity,terms", [("dot", ""), ("l2", ""), ("l2", "we"), ("l2", "w"), ("l2", "e")])
+@pytest.mark.parametrize("topk", [0, 1, 7])
+def test_dense_memory_read_matches_reference(similarity, terms, topk):
+    g = _gen(11)
+    B, Ck, Cv, Q, M = 2, 5, 3, (3, 4), (2, 3, 4)
+    qk, mk = torch.randn(B, Ck, *Q, generator=g, dtype=F64), torch.randn(B, Ck, *M, generator=g, dtype=F64)
+    mv = torch.randn(B, Cv, *M, generator=g, dtype=F64)
+    w = torch.rand(B, 1, *M, generator=g, dtype=F64) + 1 if "w" in terms else None
+    e = torch.rand(B, Ck, *Q, generator=g, dtype=F64) if "e" in terms else None
+    out, usage = bl.dense_memory_read(qk, mk, mv, w, e, similarity=similarity, topk=topk, return_usage=True)
+    want, want_usage, _ = _ref_memory_read(qk, mk, mv, w, e, similarity, topk)
+    _close(out, want)
+    _close(usage, want_usage)
+
+
+def _ref_memory_read(qk, mk, mv, w, e, similarity, topk):
+    B, Ck, Cv = qk.shape[0], qk.shape[1], mv.shape[1]
+    out, _, idx, usage = ref.memory_read(qk.flatten(2), mk.flatten(2), mv.flatten(2),
+                                         None if w is None else w.flatten(1), None if e is None else e.flatten(2),
+                                         similarity, Ck ** -0.5, topk, True)
+    return out.view(B, Cv, *qk.shape[2:]), usage.view(B, *mk.shape[2:]), idx
+
+
+def test_gemm_bound_is_the_two_products():
+    g = _gen(12)
+    qk, mk, mv = (torch.randn(2, c, n, generator=g, dtype=F64) for c, n in ((4, 6), (4, 9), (3, 9)))
+    _close(bl.gemm_bound(qk, mk, mv), torch.einsum("bcp,bdp,bdq->bcq", mv, mk, qk))
+
+
+def test_bench_ops_memory_read_quick_smoke(tmp_path):
+    import hmmn_ops
+
+    if not hasattr(hmmn_ops, "memory_read"):
+        pytest.skip("hmmn_ops.memory_read not importable yet")
+    out_json = tmp_path / "mr.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_ops.py"), "--quick", "--ops", "memory_read",
+           "--backends", "reference", "--json", str(out_json), "--plot", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = json.loads(out_json.read_text())["records"]
+    assert {r["variant"] for r in records} == {"xmem", "stcn", "full-dot", "full-l2"}
+    assert {r["baseline"] for r in records} == {"dense", "gemm_bound"}
+    for r in records:
+        assert r["op"] == "memory_read" and r["ms"] > 0 and r["baseline_ms"] > 0, r
+        assert r["peak_mb"] is None or r["peak_mb"] >= 0
+        if r["same_function"]:
+            assert r["max_err"] < 1e-4 and r["baseline_max_err"] < 1e-4, r  # float32 vs float64
+    assert (tmp_path / "memory_read_float32.png").stat().st_size > 0
+    assert "memory_read [xmem]" in proc.stdout

@@ -3,20 +3,7 @@
 // A coarse cell has rr = r*r fine queries and m = k*r*r fine candidates. Keys and values are
 // channel-last rows (kt[p * Ck + c], vt[p * Cv + c]); `fine` lists the cell's m candidate rows.
 // Each candidate row is read once per cell and used for all rr queries of the cell.
-
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-template <typename T>
-inline void axpy(T* y, T a, const T* x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
+#include "read_kernels.h"
 
 // Forward softmax of `rows` rows of n raw scores <q, k>, in place: s -> P = softmax(scale * s),
 // lse[row] = log-sum-exp of the row's logits.

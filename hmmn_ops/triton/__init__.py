@@ -6,6 +6,7 @@ the CUDA kernel of ``torch.ops.hmmn_ops.<op>``. On CPU tensors they run only in 
 interpreter (``TRITON_INTERPRET=1`` set before triton is imported): slow, for tests.
 Design notes: docs/triton.md.
 """
+from .memory import memory_read, memory_read_backward
 from .read import kernel_guided_read, kernel_guided_read_backward
 from .softmax import gaussian_softmax, gaussian_softmax_backward
 from .topk_read import topk_guided_read, topk_guided_read_backward
@@ -14,6 +15,8 @@ from .track import global_track, local_track
 __all__ = [
     "kernel_guided_read",
     "kernel_guided_read_backward",
+    "memory_read",
+    "memory_read_backward",
     "gaussian_softmax",
     "gaussian_softmax_backward",
     "local_track",

@@ -165,3 +165,11 @@ def rank_key(logit, index, IDX_BITS: tl.constexpr):
 def rank_index(key, IDX_BITS: tl.constexpr):
     """The index packed by ``rank_key``."""
     return (1 << IDX_BITS) - 1 - (key & ((1 << IDX_BITS) - 1))
+
+
+@triton.jit
+def topk_merge(best, keys):
+    """The KP largest of ``best`` (a [R, KP] list sorted descending) and a new block of KP ``keys``:
+    the block sorted ascending, max'ed element-wise with ``best`` (one bitonic-merge step keeps
+    the KP largest of both), re-sorted descending."""
+    return tl.sort(tl.maximum(best, tl.sort(keys, descending=False)), descending=True)

@@ -59,6 +59,8 @@ def _run_every_op(dtype):
         kernel_guided_read,
         kernel_guided_read_backward,
         local_track,
+        memory_read,
+        memory_read_backward,
         topk_guided_read,
         topk_guided_read_backward,
     )
@@ -79,6 +81,15 @@ def _run_every_op(dtype):
     gaussian_softmax_backward(y, y)
     local_track(q, q, 7)
     global_track(k, q)
+    # memory_read at XMem's channels (key 64, value 512).
+    Nq, Nm, Ck, Cv = 96, 700, 64, 512
+    q, k, v = torch.randn(B, Ck, Nq).to(dtype), torch.randn(B, Ck, Nm).to(dtype), torch.randn(B, Cv, Nm).to(dtype)
+    w, e = torch.rand(B, Nm).to(dtype), torch.rand(B, Ck, Nq).to(dtype)
+    # Every constexpr branch once: dot / l2 / l2 + shrinkage + selection, full (with usage) / top-30.
+    for sim, ww, ee, topk in (("dot", None, None, 0), ("l2", None, None, 30), ("l2", w, e, 0), ("l2", w, e, 30)):
+        # No usage with top-k: its host scatter would read the (never computed) indices.
+        out, lse, idx, _ = memory_read(q, k, v, ww, ee, sim, 0.125, topk, topk == 0)
+        memory_read_backward(out, q, k, v, ww, ee, out, lse, idx, sim, 0.125)
 
 
 def _signature(fn, args, kwargs, config):

@@ -39,6 +39,7 @@ from ._common import (
     rank_key,
     scale_tensor,
     tl_acc,
+    topk_merge,
     tuning,
 )
 
@@ -198,7 +199,7 @@ def _topk(q_ptr, k_ptr, c_ptr, sig_ptr, scale_ptr, frames_ptr, idx_ptr,
                                               ACC)
                 s += gaussian_bias(qy[:, None], qx[:, None], cy[None, :], cx[None, :], gamma[None, :])
             key = tl.where(pix_mask[None, :], rank_key(s, f_i * HW + pix[None, :], IDX_BITS), lowest)
-            best = tl.sort(tl.maximum(best, tl.sort(key, descending=False)), descending=True)
+            best = topk_merge(best, key)
     tl.store(idx_ptr + b * si_b + q[:, None] * si_n + j[None, :], rank_index(best, IDX_BITS),
              mask=q_mask[:, None] & (j[None, :] < topk))
 
