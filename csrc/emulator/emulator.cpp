@@ -92,11 +92,17 @@ std::map<const void*, KernelInfo> registry;
 
 thread_local cudaError_t last_error = cudaSuccess;
 thread_local std::string last_detail;
+thread_local bool launch_failed = false;  // later launches are skipped until cudaGetLastError
 
 cudaError_t record(cudaError_t e, const std::string& detail) {
   last_error = e;
   last_detail = detail;
   return e;
+}
+
+void fail_launch(cudaError_t e, const std::string& detail) {
+  record(e, detail);
+  launch_failed = true;
 }
 
 int strict_warp() {
@@ -315,7 +321,10 @@ void* shared(const void* site, size_t bytes, size_t align) {
 }
 
 unsigned char* dynamic_shared() {
-  if (probing) return nullptr;
+  if (probing) {  // a valid (poisoned) address: code after the declarations may be evaluated first
+    probe_buffers->push_back(std::make_unique<Buffer>(4096, 16));
+    return static_cast<unsigned char*>(probe_buffers->back()->p);
+  }
   return static_cast<unsigned char*>(current().block->dyn->p);
 }
 
@@ -419,21 +428,21 @@ void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, void 
     std::lock_guard<std::mutex> lk(registry_mu);
     k = &info_locked(kernel);
   }
-  if (last_error != cudaSuccess) return;  // a failed launch is sticky until cudaGetLastError
+  if (launch_failed) return;  // a failed launch is sticky until cudaGetLastError
   const std::string what = k->name + " <<<" + dims(grid) + ", " + dims(block) + ", " + std::to_string(smem) + ">>>";
   const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
-    record(cudaErrorInvalidConfiguration, what + ": grid out of range (x in [1, 2^31-1], y, z in [1, 65535])");
+    fail_launch(cudaErrorInvalidConfiguration, what + ": grid out of range (x in [1, 2^31-1], y, z in [1, 65535])");
     return;
   }
   if (nthreads == 0 || nthreads > kMaxThreads || block.x > 1024 || block.y > 1024 || block.z > 64) {
-    record(cudaErrorInvalidConfiguration, what + ": block out of range (at most 1024 threads; z <= 64)");
+    fail_launch(cudaErrorInvalidConfiguration, what + ": block out of range (at most 1024 threads; z <= 64)");
     return;
   }
   const int64_t optin = env_int("HMMN_EMU_SMEM_OPTIN", 232448);
   if (k->static_smem > kStaticSmemLimit || smem > size_t(k->max_dynamic_smem) ||
       int64_t(k->static_smem + smem) > optin) {
-    record(cudaErrorInvalidValue,
+    fail_launch(cudaErrorInvalidValue,
            what + ": shared memory: " + std::to_string(k->static_smem) + " B static + " + std::to_string(smem) +
                " B dynamic; limits: 48 KiB static, " + std::to_string(k->max_dynamic_smem) +
                " B dynamic (above 48 KiB only after cudaFuncSetAttribute(MaxDynamicSharedMemorySize)), " +
@@ -502,7 +511,7 @@ void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, void 
     };
     pool().run(n, job, 2 * watchdog);
     if (b.failed) {
-      record(cudaErrorLaunchFailure, what + ": " + b.error);
+      fail_launch(cudaErrorLaunchFailure, what + ": " + b.error);
       return;
     }
   }
@@ -516,6 +525,7 @@ void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, void 
 cudaError_t cudaGetLastError(void) {
   const cudaError_t e = hmmn_emu::last_error;
   hmmn_emu::last_error = cudaSuccess;
+  hmmn_emu::launch_failed = false;
   return e;
 }
 

@@ -53,7 +53,8 @@ __global__ void shuffle_kernel(float* out) {  // every lane present: a plain war
 
 __global__ void dynamic_smem_kernel(float* out) {
   HMMN_DYNAMIC_SMEM(buf);
-  out[threadIdx.x] = buf[0] == 0 ? 0.f : 1.f;
+  const unsigned t = threadIdx.x;
+  out[t] = buf[0] == 0 ? 0.f : 1.f;
 }
 
 at::Tensor emulator_selftest(const std::string& name) {
@@ -79,4 +80,5 @@ at::Tensor emulator_selftest(const std::string& name) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hmmn_ops_emulated, CPU, m) { m.impl("_emulator_selftest", &emulator_selftest); }
+// No tensor arguments: a composite kernel, so the dispatcher needs no device to pick it.
+TORCH_LIBRARY_IMPL(hmmn_ops_emulated, CompositeExplicitAutograd, m) { m.impl("_emulator_selftest", &emulator_selftest); }
