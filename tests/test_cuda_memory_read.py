@@ -11,7 +11,8 @@ code run on CPU tensors). Accuracy rules as in test_cuda.py:
   random floats a near-tie at the k-th score may swap one candidate (checked by score).
 
 Shapes are tiny (the emulator runs every CUDA thread on the CPU) but reach every launch-plan
-branch: ``HMMN_OPS_CUDA_PLAN`` forces memory splits and smaller channel chunks.
+branch: under the emulator its knobs (test_cuda.py's PLAN_KNOBS) force memory splits and smaller
+channel chunks, and its launch log shows the grids that ran.
 
     python -m pytest -q tests/test_cuda_memory_read.py
 """
@@ -20,15 +21,17 @@ import torch
 
 from hmmn_ops import reference
 
+from test_cuda import _grid, _launches
+
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 TOL = {F32: dict(rtol=2e-5, atol=2e-5), F64: dict(rtol=1e-10, atol=1e-10)}
 
 # name: (similarity, shrinkage, selection)
 KINDS = {"dot": ("dot", False, False), "l2": ("l2", False, False), "l2+w": ("l2", True, False),
          "l2+e": ("l2", False, True), "l2+w+e": ("l2", True, True)}
-# Forces a 3-way memory split and accumulators of 32 values per row: 2-3 key chunks (Ck = 40),
-# 3 value chunks in the backward and 2 in the forward (Cv = 70).
-FORCED = "split=3,smem=8448"
+# Emulator knobs: a memory split per memory tile, and accumulators of 32 values per row (2-3 key
+# chunks for Ck = 40, 3 value chunks in the backward and 2 in the forward for Cv = 70).
+FORCED = {"HMMN_EMU_NUM_SMS": "100000", "HMMN_EMU_SMEM_BUDGET": "8448"}
 
 
 class _Ops:
@@ -156,17 +159,36 @@ def test_forward_half(cuda_target, kind, topk, dtype):
         assert e_got <= 2 * e_ref + 1e-6, f"output {i}: error {e_got:.3g} > 2 x reference error {e_ref:.3g}"
 
 
+def _forced(target, monkeypatch, tmp_path, fn):
+    """Runs fn with the emulator's plan knobs; returns the grids launched per kernel name."""
+    if target.backend != "cuda_emulated":  # a GPU takes its own plans for these shapes
+        fn()
+        return None
+    grids = {}
+    for line in _launches(monkeypatch, tmp_path, FORCED, fn):
+        grids.setdefault(line.split("<")[0].split("::")[-1].strip(), []).append(_grid(line))
+    return grids
+
+
 @pytest.mark.parametrize("kind", ["dot", "l2+w+e"])
-def test_forward_forced_plans(cuda_target, kind, monkeypatch):
-    """Split memory (3 splits + combine), forward value chunks, top-k over several key-channel
-    chunks of the selection kernel (Ck = 40 > 32) and value chunks of the read (Cv = 70 > 32)."""
-    args = _args(cuda_target, kind, B=1, Ck=40, Cv=70, Nq=7, Nm=150)
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
+def test_forward_forced_plans(cuda_target, kind, dtype, monkeypatch, tmp_path):
+    """Split memory (a split per memory tile + combine), forward value chunks, top-k over several
+    key-channel chunks of the selection kernel (Ck = 40 > 32) and value chunks of the read
+    (Cv = 70 > 32)."""
+    args = _args(cuda_target, kind, B=1, Ck=40, Cv=70, Nq=7, Nm=150, dtype=dtype)
     want = {t: reference.memory_read(*args, t, True) for t in (0, 6)}
-    for plan in (None, FORCED):
-        if plan:
-            monkeypatch.setenv("HMMN_OPS_CUDA_PLAN", plan)
+
+    def run():
         for t in (0, 6):
             _check_forward(_ops(cuda_target).memory_read(*args, t, True), want[t], args, exact_indices=False)
+
+    grids = _forced(cuda_target, monkeypatch, tmp_path, run)
+    if grids is not None:
+        tiles, chunk = (3, 64) if dtype == F32 else (5, 32)  # memory tiles of 150; VC-wide value chunks
+        assert grids["mr_fwd_kernel"][0][1] == tiles * -(-70 // chunk)  # memory splits x value chunks
+        assert "kgr_combine_kernel" in grids and "mr_usage_kernel" in grids
+        assert "mr_topk_kernel" in grids and "mr_topk_read_kernel" in grids
 
 
 def test_all_equal_logits_keep_index_order(cuda_target):
@@ -203,17 +225,14 @@ def test_empty_and_noncontiguous(cuda_target, kind):
 # ---------------------------------------------------------------- backward
 
 
-def _check_backward(target, args, topk, dtype, forced=None, monkeypatch=None):
+def _check_backward(target, args, topk, dtype):
     out, lse, idx, _ = reference.memory_read(*args, topk, False)
     dout = torch.randn_like(out)
     want = reference.memory_read_backward(dout, *args[:5], out, lse, idx, args[5], args[6])
-    if forced:
-        monkeypatch.setenv("HMMN_OPS_CUDA_PLAN", forced)
     got = _ops(target).memory_read_backward(dout, *args[:5], out, lse, idx, args[5], args[6])
     for name, g, x in zip(("dq", "dk", "dv", "dw", "de"), got, want):
         assert g.shape == x.shape and g.dtype == x.dtype, name
-        if dtype in TOL:
-            torch.testing.assert_close(g, x, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, x, **TOL[dtype], msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("topk", [0, 1, 30])
@@ -224,10 +243,14 @@ def test_backward(cuda_target, kind, topk, dtype):
 
 
 @pytest.mark.parametrize("kind", ["dot", "l2", "l2+w+e"])
-def test_backward_forced_chunks(cuda_target, kind, monkeypatch):
+def test_backward_forced_chunks(cuda_target, kind, monkeypatch, tmp_path):
     """Several key chunks (dQ, dK, partial dw summed) and value chunks (dV) per block row."""
-    _check_backward(cuda_target, _args(cuda_target, kind, B=1, Ck=40, Cv=70, Nq=9, Nm=70, dtype=F64), 0, F64,
-                    FORCED, monkeypatch)
+    args = _args(cuda_target, kind, B=1, Ck=40, Cv=70, Nq=9, Nm=70, dtype=F64)
+    grids = _forced(cuda_target, monkeypatch, tmp_path, lambda: _check_backward(cuda_target, args, 0, F64))
+    if grids is not None:  # 32 accumulator values a row: key chunks of 32 (dot), 30 (l2), 15 (l2+e)
+        nck = {"dot": 2, "l2": 2, "l2+w+e": 3}[kind]
+        assert grids["mr_dq_kernel"][0][1] == nck
+        assert grids["mr_dkdv_kernel"][0][1] == 3 + nck  # 3 value chunks of dV, then dK's
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])

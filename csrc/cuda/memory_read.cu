@@ -2,9 +2,7 @@
 // code: kernels/memory_read.cuh.
 #include <torch/library.h>
 
-#include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <string>
 
 #include "cuda_utils.h"
@@ -69,27 +67,6 @@ hmmn::MrParams<T> make_params(const at::Tensor& q, const at::Tensor& k, const at
   return p;
 }
 
-// Test hook: HMMN_OPS_CUDA_PLAN="split=N,smem=BYTES" forces the forward's memory split count
-// and caps the accumulators' shared memory (more value / key channel chunks), so small test
-// shapes reach every launch-plan branch. Unset: automatic plans.
-hmmn::MrPlanHints plan_hints() {
-  hmmn::MrPlanHints h;
-  const char* s = std::getenv("HMMN_OPS_CUDA_PLAN");
-  if (s == nullptr) return h;
-  const std::string spec(s);
-  for (size_t i = 0; i < spec.size();) {
-    const size_t end = std::min(spec.find(',', i), spec.size()), eq = spec.find('=', i);
-    TORCH_CHECK(eq < end, "hmmn_ops: HMMN_OPS_CUDA_PLAN must look like \"split=N,smem=BYTES\", got \"", spec, "\"");
-    const std::string key = spec.substr(i, eq - i);
-    const int64_t val = std::stoll(spec.substr(eq + 1, end - eq - 1));
-    if (key == "split") h.force_split = val;
-    else if (key == "smem") h.smem_budget = val;
-    else TORCH_CHECK(false, "hmmn_ops: HMMN_OPS_CUDA_PLAN: unknown key \"", key, "\" (split, smem)");
-    i = end + 1;
-  }
-  return h;
-}
-
 // l2: computes the per-position terms the full-softmax kernels read into p (rowsq; colsq
 // without a selection); the returned tensors hold them.
 template <typename T>
@@ -121,7 +98,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_read_cuda(
   auto usage = return_usage ? at::zeros({d.B, d.Nm}, acc_opts) : at::empty({d.B, 0}, acc_opts);
   if (d.B * d.Nq == 0) return {out, lse, idx, usage};
   const DeviceInfo dev = device_info(q, kOp);
-  const hmmn::MrPlanHints hints = plan_hints();
 
   HMMN_DISPATCH(q.scalar_type(), kOp, [&] {
     using A = hmmn::acc_of<T>;
@@ -135,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_read_cuda(
       return;
     }
     const auto terms = l2_terms(p, acc_opts, dev.stream);
-    const auto plan = hmmn::mr_forward_plan(p, dev.num_sms, dev.smem_optin, hints);
+    const auto plan = hmmn::mr_forward_plan(p, dev.num_sms, dev.smem_optin);
     auto ws = at::empty({plan.workspace}, acc_opts);
     C10_CUDA_CHECK(hmmn::mr_forward(p, plan, ptr<T>(out), ptr<A>(lse), ptr<A>(ws), dev.stream));
     if (return_usage) C10_CUDA_CHECK(hmmn::mr_usage(p, ptr<const A>(lse), ptr<A>(usage), dev.stream));
@@ -171,7 +147,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_re
   auto de = e ? at::empty_like(*e) : q.new_empty({0});
   if (d.B == 0) return {dq, dk, dv, dw, de};
   const DeviceInfo dev = device_info(q, kOp);
-  const hmmn::MrPlanHints hints = plan_hints();
   auto D = at::empty({d.B, d.Nq}, acc_opts);
 
   HMMN_DISPATCH(q.scalar_type(), kOp, [&] {
@@ -200,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_re
       return;
     }
     const auto terms = l2_terms(p, acc_opts, dev.stream);
-    const auto plan = hmmn::mr_backward_plan(p, dev.smem_optin, hints);
+    const auto plan = hmmn::mr_backward_plan(p, dev.smem_optin);
     auto dw_part = w ? at::empty({plan.nck, d.B, d.Nm}, acc_opts) : at::Tensor();
     C10_CUDA_CHECK(hmmn::mr_backward(p, plan, ptr<const T>(dout), ptr<const T>(out), ptr<const A>(lse), ptr<A>(D),
                                      ptr<T>(dq), e ? ptr<T>(de) : nullptr, ptr<T>(dk), ptr<T>(dv),

@@ -186,11 +186,9 @@ cudaError_t split_forward_combine(const acc_of<T>* part_o, const acc_of<T>* part
 }
 
 // The launch plan of a split-memory forward (B batch items, N queries, M memory positions, Cv
-// value channels) whose O accumulator may use `smem_budget` bytes. force_split > 0 (a test
-// hook) asks for that many splits instead of the automatic count (capped at the memory tiles).
+// value channels) whose O accumulator may use `smem_budget` bytes.
 template <typename Cfg>
-KgrFwdPlan split_forward_plan(int64_t B, int64_t N, int64_t M, int64_t Cv, int64_t smem_budget, int num_sms,
-                              int64_t force_split = 0) {
+KgrFwdPlan split_forward_plan(int64_t B, int64_t N, int64_t M, int64_t Cv, int64_t smem_budget, int num_sms) {
   KgrFwdPlan plan{};
   plan.nqt = ceil_div(N, Cfg::RB);
   plan.cvb = accumulator_chunk<Cfg>(Cv, smem_budget);
@@ -198,8 +196,7 @@ KgrFwdPlan split_forward_plan(int64_t B, int64_t N, int64_t M, int64_t Cv, int64
   plan.dyn_smem = accumulator_bytes<Cfg>(plan.cvb);
   // Few queries (HMMN: 1620) and long memory: split the memory axis until ~2 waves of blocks.
   const int64_t ntiles = imax(ceil_div(M, Cfg::CB), 1), blocks = imax(B * plan.nqt * plan.ncv, 1);
-  const int64_t want = force_split > 0 ? imin(force_split, ntiles)
-                                       : imin(imin(ceil_div(2 * int64_t(num_sms), blocks), ntiles), 64);
+  const int64_t want = imin(imin(ceil_div(2 * int64_t(num_sms), blocks), ntiles), 64);
   plan.tps = ceil_div(ntiles, imax(want, 1));
   plan.nsplit = ceil_div(ntiles, plan.tps);  // no empty split
   plan.workspace = plan.nsplit > 1 ? plan.nsplit * B * (Cv + 1) * N : 0;

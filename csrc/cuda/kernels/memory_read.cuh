@@ -540,18 +540,6 @@ __global__ void __launch_bounds__(kTopkWarps * 32, 1)
 // ------------------------------------------------------------------------------------------
 // Launchers. The glue guarantees Ck, Cv, Nm >= 1 and 1 <= k <= Nm for the top-k ones.
 
-// Test hooks: force_split > 0 forces the forward's memory split count; smem_budget > 0 caps the
-// accumulators' shared memory (forcing value / key channel chunks). 0 = automatic.
-struct MrPlanHints {
-  int64_t force_split = 0;
-  int64_t smem_budget = 0;
-};
-
-template <typename K> inline int64_t mr_budget(K kernel, int64_t smem_optin, const MrPlanHints& h) {
-  const int64_t b = dynamic_smem_budget(kernel, smem_optin);
-  return h.smem_budget > 0 ? imin(b, h.smem_budget) : b;
-}
-
 // rowsq: B * Nq acc elements; colsq: B * Nm, or nullptr with a selection. Sets p.rowsq/colsq.
 template <typename T>
 cudaError_t mr_l2_terms(MrParams<T>& p, acc_of<T>* rowsq, acc_of<T>* colsq, cudaStream_t stream) {
@@ -567,10 +555,9 @@ cudaError_t mr_l2_terms(MrParams<T>& p, acc_of<T>* rowsq, acc_of<T>* colsq, cuda
 }
 
 template <typename T>
-KgrFwdPlan mr_forward_plan(const MrParams<T>& p, int num_sms, int64_t smem_optin, const MrPlanHints& h) {
+KgrFwdPlan mr_forward_plan(const MrParams<T>& p, int num_sms, int64_t smem_optin) {
   using Cfg = typename Tiles<acc_of<T>>::Square;
-  return split_forward_plan<Cfg>(p.B, p.Nq, p.Nm, p.Cv, mr_budget(mr_fwd_kernel<Cfg, T>, smem_optin, h), num_sms,
-                                 h.force_split);
+  return split_forward_plan<Cfg>(p.B, p.Nq, p.Nm, p.Cv, dynamic_smem_budget(mr_fwd_kernel<Cfg, T>, smem_optin), num_sms);
 }
 
 // Full-softmax forward (out, lse); `workspace` holds plan.workspace acc elements.
@@ -614,11 +601,11 @@ cudaError_t mr_topk_forward(const MrParams<T>& p, const T* vcl, int64_t k, acc_o
 }
 
 template <typename T>
-MrBwdPlan mr_backward_plan(const MrParams<T>& p, int64_t smem_optin, const MrPlanHints& h) {
+MrBwdPlan mr_backward_plan(const MrParams<T>& p, int64_t smem_optin) {
   using Cfg = typename Tiles<acc_of<T>>::Square;
   using A = acc_of<T>;
-  const int64_t budget = imin(mr_budget(mr_dq_kernel<Cfg, T>, smem_optin, h),
-                              mr_budget(mr_dkdv_kernel<Cfg, T>, smem_optin, h));
+  const int64_t budget = imin(dynamic_smem_budget(mr_dq_kernel<Cfg, T>, smem_optin),
+                              dynamic_smem_budget(mr_dkdv_kernel<Cfg, T>, smem_optin));
   // Widest accumulator row a block may hold (the +1 pads rows onto different banks).
   const int64_t values = imax(budget / (Cfg::RB * int64_t(sizeof(A))) - 1, 3);
   MrBwdPlan plan{};
