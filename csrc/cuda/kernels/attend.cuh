@@ -44,11 +44,10 @@ inline void launch_softmax_bwd_delta(const T* dout, const T* out, acc_of<T>* D, 
 
 // Forward over one block's rows (sm.row already set): streams columns [k0, k1) and leaves
 // unnormalised O (ldo-strided, channels [v0, v1)) and the running max m / sum l per row.
-template <typename Cfg, typename T, typename Prob>
-__device__ __forceinline__ void attend_forward(const Prob& prob, typename Cfg::Smem& sm, const Mat<T>& Q, const Mat<T>& K,
-                               const Mat<T>& V, acc_of<T> scale, int64_t k0, int64_t k1, int64_t v0, int64_t v1,
-                               acc_of<T>* O, int64_t ldo, acc_of<T>* m, acc_of<T>* l, acc_of<T>* alpha) {
-  using A = acc_of<T>;
+template <typename Cfg, typename Prob, typename QOp, typename KOp, typename VOp, typename A = typename Cfg::acc_t>
+__device__ __forceinline__ void attend_forward(const Prob& prob, typename Cfg::Smem& sm, const QOp& Q, const KOp& K,
+                               const VOp& V, A scale, int64_t k0, int64_t k1, int64_t v0, int64_t v1,
+                               A* O, int64_t ldo, A* m, A* l, A* alpha) {
   for (int i = threadIdx.x; i < Cfg::RB; i += Cfg::NT) {
     m[i] = neg_inf<A>();
     l[i] = A(0);
@@ -80,14 +79,14 @@ __device__ __forceinline__ void attend_forward(const Prob& prob, typename Cfg::S
 }
 
 // dQ-side backward over one block's rows (queries, sm.row set; lse and D batch-offset):
-// acc[i][c - c0] += sum_p dS[i, p] * K(c, p) for c in [c0, c1) over columns [k0, k1).
-// The caller multiplies by scale when writing.
-template <typename Cfg, typename T, typename Prob>
-__device__ __forceinline__ void attend_backward_rows(const Prob& prob, typename Cfg::Smem& sm, const Mat<T>& Q, const Mat<T>& K,
-                                     const Mat<T>& V, const Mat<T>& dO, const acc_of<T>* lse, const acc_of<T>* D,
-                                     acc_of<T> scale, int64_t k0, int64_t k1, int64_t c0, int64_t c1,
-                                     acc_of<T>* acc, int64_t ldacc, acc_of<T>* lse_r, acc_of<T>* D_r) {
-  using A = acc_of<T>;
+// acc[i][c - c0] += sum_p dS[i, p] * G(c, p) for c in [c0, c1) over columns [k0, k1), G = K
+// (the overload below) or a view of it. The caller multiplies by scale when writing.
+template <typename Cfg, typename Prob, typename QOp, typename KOp, typename VOp, typename GOp,
+          typename A = typename Cfg::acc_t>
+__device__ __forceinline__ void attend_backward_rows(const Prob& prob, typename Cfg::Smem& sm, const QOp& Q, const KOp& K,
+                                     const VOp& V, const VOp& dO, const A* lse, const A* D,
+                                     A scale, int64_t k0, int64_t k1, int64_t c0, int64_t c1,
+                                     A* acc, int64_t ldacc, A* lse_r, A* D_r, const GOp& G) {
   __syncthreads();  // sm.row complete
   for (int i = threadIdx.x; i < Cfg::RB; i += Cfg::NT) {
     const int64_t q = sm.row[i];
@@ -114,23 +113,32 @@ __device__ __forceinline__ void attend_backward_rows(const Prob& prob, typename 
         }
         sm.s[i][j] = ds;
       }
-    Cfg::accum(K, c0, c1, sm, [&](int i, int64_t c, A x) { acc[i * ldacc + c] += x; });
+    Cfg::accum(G, c0, c1, sm, [&](int i, int64_t c, A x) { acc[i * ldacc + c] += x; });
   }
   __syncthreads();
+}
+
+// Same, accumulating dS against K itself (G = K).
+template <typename Cfg, typename Prob, typename QOp, typename KOp, typename VOp, typename A = typename Cfg::acc_t>
+__device__ __forceinline__ void attend_backward_rows(const Prob& prob, typename Cfg::Smem& sm, const QOp& Q, const KOp& K,
+                                     const VOp& V, const VOp& dO, const A* lse, const A* D, A scale, int64_t k0,
+                                     int64_t k1, int64_t c0, int64_t c1, A* acc, int64_t ldacc, A* lse_r, A* D_r) {
+  attend_backward_rows<Cfg>(prob, sm, Q, K, V, dO, lse, D, scale, k0, k1, c0, c1, acc, ldacc, lse_r, D_r, K);
 }
 
 // dK/dV-side backward over one block's rows (memory positions, sm.row set) against a column
 // stream of queries [k0, k1) (prob.cols fills query ids; lse and D batch-offset):
 //   want_dv: epi(i, v, sum_q P[i, q] dO(v, q))          for v in [c0, c1)
-//   else:    epi(i, c, sum_q dS[i, q] Q(c, q))          for c in [c0, c1)   (caller scales)
+//   else:    epi(i, c, sum_q dS[i, q] G(c, q))          for c in [c0, c1)   (caller scales)
+// with G = Q (the overload below) or a view of it.
 // epi is called once per tile and (i, channel): it adds into a block accumulator or atomically
 // into global memory.
-template <typename Cfg, typename T, typename Prob, typename Epi>
-__device__ __forceinline__ void attend_backward_cols(const Prob& prob, typename Cfg::Smem& sm, const Mat<T>& Q, const Mat<T>& K,
-                                     const Mat<T>& V, const Mat<T>& dO, const acc_of<T>* lse, const acc_of<T>* D,
-                                     acc_of<T> scale, int64_t k0, int64_t k1, bool want_dv, int64_t c0, int64_t c1,
-                                     acc_of<T>* lse_c, acc_of<T>* D_c, Epi&& epi) {
-  using A = acc_of<T>;
+template <typename Cfg, typename Prob, typename QOp, typename KOp, typename VOp, typename DOp, typename GOp,
+          typename Epi, typename A = typename Cfg::acc_t>
+__device__ __forceinline__ void attend_backward_cols(const Prob& prob, typename Cfg::Smem& sm, const QOp& Q, const KOp& K,
+                                     const VOp& V, const DOp& dO, const A* lse, const A* D,
+                                     A scale, int64_t k0, int64_t k1, bool want_dv, int64_t c0, int64_t c1,
+                                     A* lse_c, A* D_c, const GOp& G, Epi&& epi) {
   for (int64_t t0 = k0; t0 < k1; t0 += Cfg::CB) {
     __syncthreads();
     prob.cols(sm, t0, k1);
@@ -167,10 +175,19 @@ __device__ __forceinline__ void attend_backward_cols(const Prob& prob, typename 
           const int j = Cfg::tx() + Cfg::TX * b;
           sm.s[Cfg::ty() + Cfg::TY * a][j] = s[a][b] * (dp[a][b] - D_c[j]);
         }
-      Cfg::accum(Q, c0, c1, sm, epi);
+      Cfg::accum(G, c0, c1, sm, epi);
     }
   }
   __syncthreads();
+}
+
+// Same, accumulating dS against Q itself (G = Q).
+template <typename Cfg, typename Prob, typename QOp, typename KOp, typename VOp, typename DOp, typename Epi,
+          typename A = typename Cfg::acc_t>
+__device__ __forceinline__ void attend_backward_cols(const Prob& prob, typename Cfg::Smem& sm, const QOp& Q, const KOp& K,
+                                     const VOp& V, const DOp& dO, const A* lse, const A* D, A scale, int64_t k0,
+                                     int64_t k1, bool want_dv, int64_t c0, int64_t c1, A* lse_c, A* D_c, Epi&& epi) {
+  attend_backward_cols<Cfg>(prob, sm, Q, K, V, dO, lse, D, scale, k0, k1, want_dv, c0, c1, lse_c, D_c, Q, epi);
 }
 
 }  // namespace hmmn

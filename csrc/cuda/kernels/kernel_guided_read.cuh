@@ -87,6 +87,35 @@ struct KgrFwdPlan {
   int64_t workspace; // acc elements: nsplit * B * (Cv + 1) * N when nsplit > 1, else 0
 };
 
+// Epilogue of a split forward block (rows = queries sm.row of batch item b, value channels
+// [v0, v1)): the normalised output, or with part_o its split's partial; the lse (first value
+// chunk only), or with part_lse its split's partial. Consecutive threads take consecutive
+// queries: coalesced stores.
+template <typename Cfg, typename T, typename A>
+__device__ __forceinline__ void split_forward_store(const typename Cfg::Smem& sm, const A* O, int64_t ldo, const A* m,
+                                                    const A* l, int64_t b, int64_t v0, int64_t v1, int64_t split,
+                                                    bool first_chunk, int64_t B, int64_t Cv, int64_t N, T* out, A* lse,
+                                                    A* part_o, A* part_lse) {
+  for (int64_t e = threadIdx.x; e < (v1 - v0) * Cfg::RB; e += Cfg::NT) {
+    const int i = int(e % Cfg::RB);
+    const int64_t v = e / Cfg::RB, q = sm.row[i];
+    if (q < 0) continue;
+    const A val = l[i] > A(0) ? O[i * ldo + v] / l[i] : A(0);
+    const int64_t o = (b * Cv + v0 + v) * N + q;
+    if (part_o != nullptr) part_o[split * B * Cv * N + o] = val;
+    else store(out + o, val);
+  }
+  if (first_chunk) {
+    for (int i = threadIdx.x; i < Cfg::RB; i += Cfg::NT) {
+      const int64_t q = sm.row[i];
+      if (q < 0) continue;
+      const A L = l[i] > A(0) ? m[i] + acc_log(l[i]) : neg_inf<A>();
+      if (part_lse != nullptr) part_lse[(split * B + b) * N + q] = L;
+      else lse[b * N + q] = L;
+    }
+  }
+}
+
 template <typename Cfg, typename T>
 __global__ void __launch_bounds__(Cfg::NT, 1)
     kgr_fwd_kernel(KgrParams<T> p, KgrFwdPlan plan, T* out, acc_of<T>* lse, acc_of<T>* part_o, acc_of<T>* part_lse) {
@@ -115,25 +144,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
   const KgrMemoryCols<Cfg, T> prob{p.centers, p.sigma, b, p.M, p.N, p.W, p.Tm, qy, qx, cy, cx, g};
   attend_forward<Cfg>(prob, sm, Q, K, V, p.scale, k0, k1, v0, v1, O, ldo, m, l, alpha);
 
-  // Consecutive threads take consecutive queries: coalesced stores.
-  for (int64_t e = threadIdx.x; e < (v1 - v0) * Cfg::RB; e += Cfg::NT) {
-    const int i = int(e % Cfg::RB);
-    const int64_t v = e / Cfg::RB, q = sm.row[i];
-    if (q < 0) continue;
-    const A val = l[i] > A(0) ? O[i * ldo + v] / l[i] : A(0);
-    const int64_t o = (b * p.Cv + v0 + v) * p.N + q;
-    if (part_o != nullptr) part_o[split * p.B * p.Cv * p.N + o] = val;
-    else store(out + o, val);
-  }
-  if (cvc == 0) {
-    for (int i = threadIdx.x; i < Cfg::RB; i += Cfg::NT) {
-      const int64_t q = sm.row[i];
-      if (q < 0) continue;
-      const A L = l[i] > A(0) ? m[i] + acc_log(l[i]) : neg_inf<A>();
-      if (part_lse != nullptr) part_lse[(split * p.B + b) * p.N + q] = L;
-      else lse[b * p.N + q] = L;
-    }
-  }
+  split_forward_store<Cfg>(sm, O, ldo, m, l, b, v0, v1, split, cvc == 0, p.B, p.Cv, p.N, out, lse, part_o, part_lse);
 }
 
 template <typename T>
@@ -164,21 +175,38 @@ __global__ void kgr_combine_kernel(const acc_of<T>* __restrict__ part_o, const a
 
 inline int grid_stride_blocks(int64_t n, int threads) { return int(imin(imax(ceil_div(n, threads), 1), 65535)); }
 
+// Merges nsplit partial outputs and lse (kgr_combine_kernel) into out and lse.
 template <typename T>
-KgrFwdPlan kgr_forward_plan(const KgrParams<T>& p, int num_sms, int64_t smem_optin) {
-  using Cfg = typename Tiles<acc_of<T>>::Square;
+cudaError_t split_forward_combine(const acc_of<T>* part_o, const acc_of<T>* part_lse, T* out, acc_of<T>* lse,
+                                  int64_t nsplit, int64_t B, int64_t Cv, int64_t N, cudaStream_t stream) {
+  const int threads = 256;
+  HMMN_LAUNCH(kgr_combine_kernel<T>, grid_stride_blocks(B * Cv * N, threads), threads, 0, stream, part_o, part_lse, out,
+              lse, nsplit, B, Cv, N);
+  return cudaGetLastError();
+}
+
+// The launch plan of a split-memory forward (B batch items, N queries, M memory positions, Cv
+// value channels) whose O accumulator may use `smem_budget` bytes.
+template <typename Cfg>
+KgrFwdPlan split_forward_plan(int64_t B, int64_t N, int64_t M, int64_t Cv, int64_t smem_budget, int num_sms) {
   KgrFwdPlan plan{};
-  plan.nqt = ceil_div(p.N, Cfg::RB);
-  plan.cvb = accumulator_chunk<Cfg>(p.Cv, dynamic_smem_budget(kgr_fwd_kernel<Cfg, T>, smem_optin));
-  plan.ncv = ceil_div(p.Cv, plan.cvb);  // the glue guarantees Cv >= 1 and Ck >= 1
+  plan.nqt = ceil_div(N, Cfg::RB);
+  plan.cvb = accumulator_chunk<Cfg>(Cv, smem_budget);
+  plan.ncv = ceil_div(Cv, plan.cvb);  // the glue guarantees Cv >= 1 and Ck >= 1
   plan.dyn_smem = accumulator_bytes<Cfg>(plan.cvb);
   // Few queries (HMMN: 1620) and long memory: split the memory axis until ~2 waves of blocks.
-  const int64_t ntiles = imax(ceil_div(p.M, Cfg::CB), 1), blocks = imax(p.B * plan.nqt * plan.ncv, 1);
+  const int64_t ntiles = imax(ceil_div(M, Cfg::CB), 1), blocks = imax(B * plan.nqt * plan.ncv, 1);
   const int64_t want = imin(imin(ceil_div(2 * int64_t(num_sms), blocks), ntiles), 64);
   plan.tps = ceil_div(ntiles, imax(want, 1));
   plan.nsplit = ceil_div(ntiles, plan.tps);  // no empty split
-  plan.workspace = plan.nsplit > 1 ? plan.nsplit * p.B * (p.Cv + 1) * p.N : 0;
+  plan.workspace = plan.nsplit > 1 ? plan.nsplit * B * (Cv + 1) * N : 0;
   return plan;
+}
+
+template <typename T>
+KgrFwdPlan kgr_forward_plan(const KgrParams<T>& p, int num_sms, int64_t smem_optin) {
+  using Cfg = typename Tiles<acc_of<T>>::Square;
+  return split_forward_plan<Cfg>(p.B, p.N, p.M, p.Cv, dynamic_smem_budget(kgr_fwd_kernel<Cfg, T>, smem_optin), num_sms);
 }
 
 // Launches the forward (out, lse); `workspace` holds plan.workspace acc elements.
@@ -194,11 +222,7 @@ cudaError_t kgr_forward(const KgrParams<T>& p, const KgrFwdPlan& plan, T* out, a
   acc_of<T>* part_lse = plan.nsplit > 1 ? workspace + plan.nsplit * p.B * p.Cv * p.N : nullptr;
   const dim3 grid(unsigned(p.B * plan.nqt), unsigned(plan.nsplit * plan.ncv));
   HMMN_LAUNCH(kernel, grid, Cfg::NT, size_t(plan.dyn_smem), stream, p, plan, out, lse, part_o, part_lse);
-  if (plan.nsplit > 1) {
-    const int threads = 256;
-    HMMN_LAUNCH(kgr_combine_kernel<T>, grid_stride_blocks(p.B * p.Cv * p.N, threads), threads, 0, stream,
-        part_o, part_lse, out, lse, plan.nsplit, p.B, p.Cv, p.N);
-  }
+  if (plan.nsplit > 1) return split_forward_combine(part_o, part_lse, out, lse, plan.nsplit, p.B, p.Cv, p.N, stream);
   return cudaGetLastError();
 }
 
@@ -219,65 +243,32 @@ __device__ __forceinline__ bool topk_better(A ka, int64_t ia, A kb, int64_t ib) 
   return ka > kb || (ka == kb && ia < ib);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kTopkWarps * 32, 1)
-    kgr_topk_kernel(KgrParams<T> p, const int64_t* __restrict__ frames, int64_t F, int64_t k, acc_of<T>* keys,
-                    int64_t* idx) {
-  using A = acc_of<T>;
-  HMMN_SHARED(A, ks, [kTopkCC][33]);
-  HMMN_SHARED(A, qs, [kTopkWarps][kTopkCC]);
-  HMMN_SHARED(int64_t, cpos, [32]);
-  HMMN_SHARED(int, cy, [32]);
-  HMMN_SHARED(int, cx, [32]);
-  HMMN_SHARED(A, g, [32]);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t groups = ceil_div(p.N, kTopkWarps);
-  const int64_t b = blockIdx.x / groups, qbase = (blockIdx.x % groups) * kTopkWarps, q = qbase + warp;
-  const bool q_ok = q < p.N;
-  const int qy = q_ok ? int(q / p.W) : 0, qx = q_ok ? int(q % p.W) : 0;
-  A* lk = keys + (b * p.N + (q_ok ? q : 0)) * k;
-  int64_t* li = idx + (b * p.N + (q_ok ? q : 0)) * k;
-  const int64_t L = F * p.N;
-
+// One warp's top-k list (keys lk[0, k), indices li[0, k), global memory private to the warp),
+// sorted by descending key then ascending index. All 32 lanes call offer() together with one
+// candidate each, (key, base + lane), offered only where `pass`; candidates arrive in
+// increasing index order, so an equal key already in the list keeps its place (ties to the
+// smaller index).
+template <typename A> struct WarpTopk {
+  A* lk;
+  int64_t* li;
+  int64_t k;
   int64_t cnt = 0, tail_i = 0;  // list length; the k-th entry once full
   A tail_k = neg_inf<A>();
-  for (int64_t base = 0; base < L; base += 32) {
-    __syncthreads();  // previous chunk is done with cpos, centres and ks
-    if (threadIdx.x < 32) {
-      const int64_t i = base + threadIdx.x;
-      const int64_t pos = i < L ? frames[i / p.N] * p.N + i % p.N : -1;
-      cpos[threadIdx.x] = pos;
-      load_center(p.centers, p.sigma, b, pos, p.M, p.N, p.W, p.Tm, cy[threadIdx.x], cx[threadIdx.x], g[threadIdx.x]);
-    }
-    __syncthreads();
-    A dot = A(0);
-    for (int64_t c0 = 0; c0 < p.Ck; c0 += kTopkCC) {
-      __syncthreads();
-      for (int e = threadIdx.x; e < kTopkCC * 32; e += blockDim.x) {
-        const int cc = e / 32, j = e % 32;
-        const int64_t c = c0 + cc, pos = cpos[j];
-        ks[cc][j] = (pos >= 0 && c < p.Ck) ? to_acc(p.k[(b * p.Ck + c) * p.M + pos]) : A(0);
-      }
-      for (int e = threadIdx.x; e < kTopkWarps * kTopkCC; e += blockDim.x) {
-        const int w = e / kTopkCC, cc = e % kTopkCC;
-        const int64_t c = c0 + cc, qq = qbase + w;
-        qs[w][cc] = (qq < p.N && c < p.Ck) ? to_acc(p.q[(b * p.Ck + c) * p.N + qq]) : A(0);
-      }
-      __syncthreads();
-#pragma unroll 8
-      for (int cc = 0; cc < kTopkCC; ++cc) dot += ks[cc][lane] * qs[warp][cc];
-    }
-    const int64_t mine = base + lane;
-    const A logit = dot * p.scale + gauss_bias(qy, qx, cy[lane], cx[lane], g[lane]);
-    const A key = logit != logit ? neg_inf<A>() : logit;  // NaN ranks as -inf (docs/reliability.md)
-    const bool pass = q_ok && mine < L && (cnt < k || topk_better(key, mine, tail_k, tail_i));
+
+  // A NaN key ranks as -inf (docs/reliability.md): callers pass rank_key(score).
+  __device__ __forceinline__ static A rank_key(A key) { return key != key ? neg_inf<A>() : key; }
+
+  __device__ __forceinline__ bool wants(A key, int64_t i) const { return cnt < k || topk_better(key, i, tail_k, tail_i); }
+
+  __device__ __forceinline__ void offer(A key, int64_t base, bool pass) {
+    const int lane = threadIdx.x % 32;
     unsigned todo = __ballot_sync(0xffffffffu, pass);
     while (todo != 0u) {  // warp-uniform: every lane sees the same list and candidate
       const int src = __ffs(todo) - 1;
       todo &= todo - 1u;
       const A ck = __shfl_sync(0xffffffffu, key, src);
       const int64_t ci = base + src;
-      if (cnt == k && !topk_better(ck, ci, tail_k, tail_i)) continue;
+      if (!wants(ck, ci)) continue;
       int64_t rank = 0;  // entries that beat the candidate
       for (int64_t e = lane; e < cnt; e += 32) rank += topk_better(lk[e], li[e], ck, ci) ? 1 : 0;
       for (int o = 16; o > 0; o >>= 1) rank += __shfl_xor_sync(0xffffffffu, rank, o);
@@ -314,6 +305,57 @@ __global__ void __launch_bounds__(kTopkWarps * 32, 1)
         tail_i = li[k - 1];
       }
     }
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kTopkWarps * 32, 1)
+    kgr_topk_kernel(KgrParams<T> p, const int64_t* __restrict__ frames, int64_t F, int64_t k, acc_of<T>* keys,
+                    int64_t* idx) {
+  using A = acc_of<T>;
+  HMMN_SHARED(A, ks, [kTopkCC][33]);
+  HMMN_SHARED(A, qs, [kTopkWarps][kTopkCC]);
+  HMMN_SHARED(int64_t, cpos, [32]);
+  HMMN_SHARED(int, cy, [32]);
+  HMMN_SHARED(int, cx, [32]);
+  HMMN_SHARED(A, g, [32]);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t groups = ceil_div(p.N, kTopkWarps);
+  const int64_t b = blockIdx.x / groups, qbase = (blockIdx.x % groups) * kTopkWarps, q = qbase + warp;
+  const bool q_ok = q < p.N;
+  const int qy = q_ok ? int(q / p.W) : 0, qx = q_ok ? int(q % p.W) : 0;
+  WarpTopk<A> list{keys + (b * p.N + (q_ok ? q : 0)) * k, idx + (b * p.N + (q_ok ? q : 0)) * k, k};
+  const int64_t L = F * p.N;
+
+  for (int64_t base = 0; base < L; base += 32) {
+    __syncthreads();  // previous chunk is done with cpos, centres and ks
+    if (threadIdx.x < 32) {
+      const int64_t i = base + threadIdx.x;
+      const int64_t pos = i < L ? frames[i / p.N] * p.N + i % p.N : -1;
+      cpos[threadIdx.x] = pos;
+      load_center(p.centers, p.sigma, b, pos, p.M, p.N, p.W, p.Tm, cy[threadIdx.x], cx[threadIdx.x], g[threadIdx.x]);
+    }
+    __syncthreads();
+    A dot = A(0);
+    for (int64_t c0 = 0; c0 < p.Ck; c0 += kTopkCC) {
+      __syncthreads();
+      for (int e = threadIdx.x; e < kTopkCC * 32; e += blockDim.x) {
+        const int cc = e / 32, j = e % 32;
+        const int64_t c = c0 + cc, pos = cpos[j];
+        ks[cc][j] = (pos >= 0 && c < p.Ck) ? to_acc(p.k[(b * p.Ck + c) * p.M + pos]) : A(0);
+      }
+      for (int e = threadIdx.x; e < kTopkWarps * kTopkCC; e += blockDim.x) {
+        const int w = e / kTopkCC, cc = e % kTopkCC;
+        const int64_t c = c0 + cc, qq = qbase + w;
+        qs[w][cc] = (qq < p.N && c < p.Ck) ? to_acc(p.q[(b * p.Ck + c) * p.N + qq]) : A(0);
+      }
+      __syncthreads();
+#pragma unroll 8
+      for (int cc = 0; cc < kTopkCC; ++cc) dot += ks[cc][lane] * qs[warp][cc];
+    }
+    const int64_t mine = base + lane;
+    const A key = list.rank_key(dot * p.scale + gauss_bias(qy, qx, cy[lane], cx[lane], g[lane]));
+    list.offer(key, base, q_ok && mine < L && list.wants(key, mine));
   }
 }
 

@@ -18,6 +18,8 @@ namespace hmmn {
 
 // One batch item's (channels x positions) operand: element (c, id) at base[c * sc + id * sp].
 // Channels-first data has sp == 1 (coalesced along positions), channels-last sc == 1.
+// dot/accum take any operand type with at(c, id), C and sc (sc == 1: stage channel-fastest),
+// so a read may pass a view that computes its channels (memory_read's l2 terms).
 template <typename T> struct Mat {
   const T* base;
   int64_t sc, sp, C;
@@ -57,8 +59,8 @@ struct Tile {
   static __device__ __forceinline__ int tx() { return threadIdx.x % TX; }
 
   // dst[cc][k] = m(c0 + cc, ids[k]); consecutive threads read consecutive addresses.
-  template <int N, typename T>
-  static __device__ __forceinline__ void stage(A (*dst)[N + 1], const Mat<T>& m, const int64_t* ids, int64_t c0) {
+  template <int N, typename Op>
+  static __device__ __forceinline__ void stage(A (*dst)[N + 1], const Op& m, const int64_t* ids, int64_t c0) {
     for (int e = threadIdx.x; e < N * CC; e += NT) {
       int k, cc;
       if (m.sc == 1) { k = e / CC; cc = e % CC; } else { cc = e / N; k = e % N; }
@@ -69,8 +71,8 @@ struct Tile {
 
   // r[a][b] = sum_c ma(c, row[ty + TY*a]) * mb(c, col[tx + TX*b]). ma.C == mb.C.
   // Starts with a barrier, so callers may have just written row/col ids.
-  template <typename T>
-  static __device__ __forceinline__ void dot(A (&r)[RI][RJ], const Mat<T>& ma, const Mat<T>& mb, Smem& sm) {
+  template <typename OpA, typename OpB>
+  static __device__ __forceinline__ void dot(A (&r)[RI][RJ], const OpA& ma, const OpB& mb, Smem& sm) {
     const int y = ty(), x = tx();
 #pragma unroll
     for (int a = 0; a < RI; ++a)
@@ -100,8 +102,8 @@ struct Tile {
   // epi(i, v - v0, x) on the thread that owns (i, v); each (i, v) has exactly one owner, so epi
   // may read-modify-write a per-block accumulator without atomics.
   // Starts with a barrier, so s[][] written just before is visible.
-  template <typename T, typename Epi>
-  static __device__ __forceinline__ void accum(const Mat<T>& m, int64_t v0, int64_t v1, Smem& sm, Epi&& epi) {
+  template <typename Op, typename Epi>
+  static __device__ __forceinline__ void accum(const Op& m, int64_t v0, int64_t v1, Smem& sm, Epi&& epi) {
     const int y = ty(), x = tx();
     for (int64_t vc = v0; vc < v1; vc += VC) {
       __syncthreads();
