@@ -450,3 +450,12 @@ def gemm_bound(query_key, memory_key, memory_value):
     the time a fused full read (topk=0) cannot beat. A yardstick, not the same function."""
     scores = memory_key.flatten(2).transpose(1, 2) @ query_key.flatten(2)
     return torch.bmm(memory_value.flatten(2), scores)
+
+
+def sdpa_memory_read(query_key, memory_key, memory_value, *, scale=None):
+    """A full dot-product memory read (topk=0, similarity="dot") as one
+    F.scaled_dot_product_attention call, whatever fused kernel torch picks for it: the
+    attention library a user would reach for (AOT-style long-term attention). Same function."""
+    q, k, v = _heads(query_key), _heads(memory_key), _heads(memory_value)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=_scale(scale, query_key.shape[1]))
+    return out.squeeze(1).transpose(1, 2).reshape(memory_value.shape[0], memory_value.shape[1], *query_key.shape[2:])

@@ -398,6 +398,8 @@ class Builder:
             if topk == 0:  # the two products alone, as one yardstick for both similarities
                 base.append(Baseline("gemm_bound", lambda q, k, v, *terms: bl.gemm_bound(q, k, v), False,
                                      self.dense_mb(B, Nm, Nq, 1), flag="dense"))
+            if topk == 0 and sim == "dot":  # SDPA computes exactly this read (CUDA, or when named)
+                base += [Baseline(n, lambda q, k, v: f(q, k, v)) for n, f in self.extra([("sdpa", bl.sdpa_memory_read)])]
             return Setup(tensors, call, base)
 
         # score products over all memory (+ the read of the k selected, or the full value product)

@@ -38,7 +38,7 @@ run() {  # run NAME CXXFLAGS PRELOAD PYTEST_K ENV...: build in a copy, pytest -m
     echo "== $name: built in $((SECONDS - t0)) s; running the emulated CUDA tests${k:+ (-k \"$k\")}"
     local t1=$SECONDS status=0
     (cd "$dir" && env "$@" LD_PRELOAD="$preload" PYTHONPATH="$dir" \
-        python3 -m pytest -q -m emulated -p no:cacheprovider ${k:+-k "$k"} tests/test_cuda.py) || status=$?
+        python3 -m pytest -q -m emulated -p no:cacheprovider ${k:+-k "$k"} tests/test_cuda.py tests/test_cuda_memory_read.py) || status=$?
     echo "== $name: tests ran in $((SECONDS - t1)) s (exit $status; 0 = clean)"
     cat "$dir"/report.* 2>/dev/null | grep -v "makecontext/swapcontext" | head -60 || true
     return $status
@@ -62,6 +62,7 @@ if [ "$which" = all ] || [ "$which" = tsan ]; then
     cat > "$work/tsan-driver/driver.cpp" <<'CPP'
 #include "cuda/kernels/gaussian_softmax.cuh"
 #include "cuda/kernels/kernel_guided_read.cuh"
+#include "cuda/kernels/memory_read.cuh"
 #include "cuda/kernels/track.cuh"
 #include <cstdio>
 #include <random>
@@ -91,6 +92,32 @@ int main() {
     std::vector<float> tkeys(60);
     const hmmn::KgrParams<float> tp{tq.data(), tk.data(), nullptr, nullptr, nullptr, 0.5f, 1, 3, 1, 3, 4, 2, 12, 24};
     bad |= hmmn::kgr_topk(tp, tf.data(), 2, 5, tkeys.data(), tidx.data(), nullptr);
+  }
+  {  // memory_read, l2 with shrinkage and selection: split forward, usage, top-k read, backward
+    const int64_t Nq = N, Nm = M, k2 = 7;
+    auto w = vec(B * Nm), e = vec(B * Ck * Nq);
+    for (auto& x : w) x = x + 2.f;
+    for (auto& x : e) x = x + 2.f;
+    std::vector<float> rowsq(B * Nq), colsq(B * Nm), mout(B * Cv * Nq), mlse(B * Nq), usage(B * Nm);
+    hmmn::MrParams<float> mp{q.data(), k.data(), v.data(), w.data(), e.data(), nullptr, nullptr, 0.5f, true,
+                             B, Ck, Cv, Nq, Nm};
+    bad |= hmmn::mr_l2_terms(mp, rowsq.data(), colsq.data(), nullptr);
+    const auto mplan = hmmn::mr_forward_plan(mp, 1000, 232448);
+    std::vector<float> mws(size_t(mplan.workspace) + 1);
+    bad |= hmmn::mr_forward(mp, mplan, mout.data(), mlse.data(), mws.data(), nullptr);
+    bad |= hmmn::mr_usage(mp, mlse.data(), usage.data(), nullptr);
+    std::vector<float> de(e.size()), mdq(q.size()), mdk(k.size()), mdv(v.size());
+    const auto bplan = hmmn::mr_backward_plan(mp, 232448);
+    std::vector<float> dw(size_t(bplan.nck * B * Nm));
+    bad |= hmmn::mr_backward(mp, bplan, dout.data(), mout.data(), mlse.data(), D.data(), mdq.data(), de.data(),
+                             mdk.data(), mdv.data(), dw.data(), nullptr);
+    std::vector<float> vcl(B * Nm * Cv), mkeys(B * Nq * k2);
+    for (int64_t c = 0; c < Cv; ++c)
+      for (int64_t j = 0; j < Nm; ++j) vcl[j * Cv + c] = v[c * Nm + j];
+    std::vector<int64_t> midx(B * Nq * k2);
+    std::fill(usage.begin(), usage.end(), 0.f);
+    bad |= hmmn::mr_topk_forward(mp, vcl.data(), k2, mkeys.data(), midx.data(), mout.data(), mlse.data(), usage.data(),
+                                 nullptr);
   }
   bad |= hmmn::global_track(k.data(), q.data(), arg.data(), B, Ck, N, M, nullptr);
   std::vector<float> aff = vec(B * M * N), y(aff.size()), sig(B * T, 1.f);
