@@ -54,21 +54,26 @@ BLOCK_Q = 16 if INTERPRET else 64        # query rows per program; also what siz
 TOPK_BLOCK_Q = 16  # tl.dot's minimum: the [BLOCK_Q, KP] sort dominates the top-k kernels
 
 _KEY = ["BLOCK_CK", "BLOCK_CV", "L2", "HAS_W", "HAS_E", "HAS_CENTERS"]
+# GPU configs: the union of what spills least at HMMN's (Ck 128, Cv 512) and XMem's (Ck 64,
+# Cv 512) channels for sm_90 ptxas, float16; the autotuner picks per key.
 _FWD_TUNING = tuning(
-    [config(BLOCK_P=p, num_warps=w, num_stages=s) for p, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 3), (128, 8, 2))],
+    [config(BLOCK_P=p, num_warps=w, num_stages=s) for p, w, s in
+     ((32, 8, 2), (32, 4, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3), (128, 8, 2))],
     config(BLOCK_P=16),
     full=[config(BLOCK_P=p, num_warps=w, num_stages=2) for p, w in ((32, 4), (32, 8), (64, 8))],
 )
 _KV_TUNING = tuning(
-    [config(BLOCK_P=p, BLOCK_Q=q, num_warps=w, num_stages=2) for p, q, w in ((32, 32, 4), (64, 32, 8), (32, 64, 8))],
+    [config(BLOCK_P=p, BLOCK_Q=q, num_warps=w, num_stages=2) for p, q, w in
+     ((32, 32, 8), (32, 32, 4), (64, 32, 8), (32, 64, 8))],
     config(BLOCK_P=16, BLOCK_Q=16),
     full=[config(BLOCK_P=32, BLOCK_Q=32, num_warps=w, num_stages=2) for w in (4, 8)],
 )
 # dQ walks the value channels in chunks of BLOCK_CV only to form dP: small chunks, fewer registers.
 _Q_TUNING = tuning(
-    [config(BLOCK_P=p, BLOCK_CV=64, num_warps=w, num_stages=2) for p, w in ((32, 4), (64, 8))],
-    config(BLOCK_P=16, BLOCK_CV=16),
-    full=[config(BLOCK_P=32, BLOCK_CV=32, num_warps=w, num_stages=2) for w in (4, 8)],
+    [config(BLOCK_Q=q, BLOCK_P=p, BLOCK_CV=64, num_warps=w, num_stages=2) for q, p, w in
+     ((32, 32, 8), (32, 64, 8), (64, 32, 4), (64, 64, 8))],
+    config(BLOCK_Q=16, BLOCK_P=16, BLOCK_CV=16),
+    full=[config(BLOCK_Q=32, BLOCK_P=32, BLOCK_CV=32, num_warps=w, num_stages=2) for w in (4, 8)],
 )
 
 
@@ -157,6 +162,17 @@ def _scores(a, b, e, q, p, p_mask, w_ptr, sw_m, c_ptr, sc_m, sig_ptr, ss_t, HW, 
     return saturate(s), d2, w
 
 
+@triton.jit
+def _key_scores(qt, et, q, k_ptr, p, p_mask, sk_c, sk_m, ck, ck_mask, w_ptr, sw_m, c_ptr, sc_m, sig_ptr, ss_t, HW, W,
+                scale, L2: tl.constexpr, HAS_E: tl.constexpr, HAS_W: tl.constexpr, HAS_CENTERS: tl.constexpr,
+                ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """(key tile [CK, BP], scores [BQ, BP], shrinkage) of a query block against memory positions ``p``."""
+    kt = tile(k_ptr, ck, ck_mask, sk_c, p, p_mask, sk_m)
+    s, _, w = _scores(qt, kt, et, q, p, p_mask, w_ptr, sw_m, c_ptr, sc_m, sig_ptr, ss_t, HW, W, scale,
+                      L2, HAS_E, HAS_W, HAS_CENTERS, True, ACC, PRECISION)
+    return kt, s, w
+
+
 # ---------------------------------------------------------------- kernels
 
 
@@ -183,9 +199,9 @@ def _fwd(q_ptr, e_ptr, k_ptr, v_ptr, w_ptr, c_ptr, sig_ptr, scale_ptr, o_ptr, ls
     end = tl.minimum(start + split_len, M)
     for p0 in range(start, end, BLOCK_P):
         p, p_mask = span(p0, BLOCK_P, end)
-        kt = tile(k_ptr + b * sk_b, ck, ck_mask, sk_c, p, p_mask, sk_m)                      # [CK, BP]
-        s, _, _ = _scores(qt, kt, et, q, p, p_mask, w_ptr + b * sw_b, sw_m, c_ptr + b * sc_b, sc_m,
-                          sig_ptr + b * ss_b, ss_t, HW, W, scale, L2, HAS_E, HAS_W, HAS_CENTERS, True, ACC, PRECISION)
+        _, s, _ = _key_scores(qt, et, q, k_ptr + b * sk_b, p, p_mask, sk_c, sk_m, ck, ck_mask, w_ptr + b * sw_b, sw_m,
+                              c_ptr + b * sc_b, sc_m, sig_ptr + b * ss_b, ss_t, HW, W, scale,
+                              L2, HAS_E, HAS_W, HAS_CENTERS, ACC, PRECISION)
         s = tl.where(p_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -251,10 +267,9 @@ def _topk(q_ptr, e_ptr, k_ptr, w_ptr, c_ptr, sig_ptr, scale_ptr, frames_ptr, idx
         for s0 in range(0, HW, KP):
             pix, pix_mask = span(s0, KP, HW)
             p = frame * HW + pix
-            kt = tile(k_ptr + b * sk_b, ck, ck_mask, sk_c, p, pix_mask, sk_m)
-            s, _, _ = _scores(qt, kt, et, q, p, pix_mask, w_ptr + b * sw_b, sw_m, c_ptr + b * sc_b, sc_m,
-                              sig_ptr + b * ss_b, ss_t, HW, W, scale, L2, HAS_E, HAS_W, HAS_CENTERS, True, ACC,
-                              PRECISION)
+            _, s, _ = _key_scores(qt, et, q, k_ptr + b * sk_b, p, pix_mask, sk_c, sk_m, ck, ck_mask,
+                                  w_ptr + b * sw_b, sw_m, c_ptr + b * sc_b, sc_m, sig_ptr + b * ss_b, ss_t, HW, W,
+                                  scale, L2, HAS_E, HAS_W, HAS_CENTERS, ACC, PRECISION)
             best = topk_merge(best, tl.where(pix_mask[None, :], rank_key(s, f_i * HW + pix[None, :], IDX_BITS), lowest))
     tl.store(idx_ptr + b * si_b + q[:, None] * si_n + j[None, :], rank_index(best, IDX_BITS),
              mask=q_mask[:, None] & (j[None, :] < topk))
@@ -354,9 +369,9 @@ def _bwd_q(q_ptr, e_ptr, k_ptr, v_ptr, w_ptr, c_ptr, sig_ptr, scale_ptr, do_ptr,
     end = tl.minimum(start + split_len, M)
     for p0 in range(start, end, BLOCK_P):
         p, p_mask = span(p0, BLOCK_P, end)
-        kt = tile(k_ptr + b * sk_b, ck, ck_mask, sk_c, p, p_mask, sk_m)                      # [CK, BP]
-        s, _, w = _scores(qt, kt, et, q, p, p_mask, w_ptr + b * sw_b, sw_m, c_ptr + b * sc_b, sc_m,
-                          sig_ptr + b * ss_b, ss_t, HW, W, scale, L2, HAS_E, HAS_W, HAS_CENTERS, True, ACC, PRECISION)
+        kt, s, w = _key_scores(qt, et, q, k_ptr + b * sk_b, p, p_mask, sk_c, sk_m, ck, ck_mask, w_ptr + b * sw_b,
+                               sw_m, c_ptr + b * sc_b, sc_m, sig_ptr + b * ss_b, ss_t, HW, W, scale,
+                               L2, HAS_E, HAS_W, HAS_CENTERS, ACC, PRECISION)                 # [CK, BP]
         pr = tl.exp(tl.where(q_mask[:, None] & p_mask[None, :], s - lse[:, None], float("-inf")))
         dp = tl.zeros([BLOCK_Q, BLOCK_P], ACC)
         for c0 in range(0, Cv, BLOCK_CV):
@@ -482,9 +497,9 @@ def full_backward(a, grad_out, lse, delta, dq, dk, dv, dw=None, de=None):
         *a.tensors, grad_out, lse, delta, dk_part, dv, dw_part, *a.strides, *grad_out.stride(),
         *dk_part.stride(), *dv.stride(), dw_part.stride(0), dw_part.stride(1),
         N, M, a.HW, a.W, Ck, a.Cv, USAGE_ONLY=False, BLOCK_CV=a.block_cv, **a.meta)
-    _bwd_q[lambda meta: (triton.cdiv(N, BLOCK_Q), splits, B)](
+    _bwd_q[lambda meta: (triton.cdiv(N, meta["BLOCK_Q"]), splits, B)](
         *a.tensors, grad_out, lse, delta, dq_part, de_part, *a.strides, *grad_out.stride(), *dq_part.stride(),
-        N, M, a.HW, a.W, Ck, a.Cv, split_len, BLOCK_Q=BLOCK_Q, **a.meta)
+        N, M, a.HW, a.W, Ck, a.Cv, split_len, **a.meta)
     if a.n_cv > 1:
         dk.copy_(dk_part.sum(1))
     if splits > 1:
