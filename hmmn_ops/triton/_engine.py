@@ -418,7 +418,7 @@ class Args:
         self.dtype, self.device = query_key.dtype, query_key.device
         self.acc = acc_dtype(self.dtype)
         self.has_w, self.has_e, self.has_c = shrinkage is not None, selection is not None, centers is not None
-        self.HW, self.W = self.N, width
+        self.HW, self.W = self.N, width  # frame size and width of the Gaussian bias (queries are one frame)
         # Placeholders for absent terms are never read.
         dev = self.device
         w = shrinkage if self.has_w else torch.empty(1, 1, dtype=self.dtype, device=dev)
