@@ -66,7 +66,7 @@ __device__ __forceinline__ void attend_forward(const Prob& prob, typename Cfg::S
       for (int b = 0; b < Cfg::RJ; ++b) {
         const int i = Cfg::ty() + Cfg::TY * a, j = Cfg::tx() + Cfg::TX * b;
         const bool ok = sm.row[i] >= 0 && sm.col[j] >= 0;
-        sm.s[i][j] = ok ? r[a][b] * scale + prob.bias(i, j) : neg_inf<A>();
+        sm.s[i][j] = ok ? saturate(r[a][b] * scale + prob.bias(i, j)) : neg_inf<A>();
       }
     __syncthreads();
     Cfg::online_softmax(sm, m, l, alpha);
@@ -108,7 +108,7 @@ __device__ __forceinline__ void attend_backward_rows(const Prob& prob, typename 
         const int i = Cfg::ty() + Cfg::TY * a, j = Cfg::tx() + Cfg::TX * b;
         A ds = A(0);
         if (sm.row[i] >= 0 && sm.col[j] >= 0 && lse_r[i] != neg_inf<A>()) {
-          const A p = acc_exp(s[a][b] * scale + prob.bias(i, j) - lse_r[i]);
+          const A p = acc_exp(saturate(s[a][b] * scale + prob.bias(i, j)) - lse_r[i]);
           ds = p * (dp[a][b] - D_r[i]);
         }
         sm.s[i][j] = ds;
@@ -157,7 +157,7 @@ __device__ __forceinline__ void attend_backward_cols(const Prob& prob, typename 
       for (int b = 0; b < Cfg::RJ; ++b) {
         const int i = Cfg::ty() + Cfg::TY * a, j = Cfg::tx() + Cfg::TX * b;
         const bool ok = sm.row[i] >= 0 && sm.col[j] >= 0 && lse_c[j] != neg_inf<A>();
-        s[a][b] = ok ? acc_exp(s[a][b] * scale + prob.bias(i, j) - lse_c[j]) : A(0);
+        s[a][b] = ok ? acc_exp(saturate(s[a][b] * scale + prob.bias(i, j)) - lse_c[j]) : A(0);
       }
     if (want_dv) {
 #pragma unroll

@@ -92,6 +92,12 @@ __device__ __forceinline__ void load_center(const int64_t* centers, const A* sig
   g = A(0.5) / (s * s);
 }
 
+// Logits saturate at +-1e36 (float) / +-1e300 (double), NaN kept, as on every backend
+// (docs/reliability.md): an overflow (a huge scale, a sigma so tiny that 1 / (2 sigma^2) is inf)
+// saturates instead of making inf - inf = NaN in a softmax.
+__device__ __forceinline__ float saturate(float x) { return x > 1e36f ? 1e36f : x < -1e36f ? -1e36f : x; }
+__device__ __forceinline__ double saturate(double x) { return x > 1e300 ? 1e300 : x < -1e300 ? -1e300 : x; }
+
 // Log-Gaussian bias of SPEC 1 for query pixel (qy, qx) and a memory position whose centre is
 // (cy, cx) (cy < 0: no centre) with g = 1 / (2 sigma^2). d2 == 0 returns exactly 0 so that a
 // huge g (tiny sigma) never gives 0 * inf = NaN.

@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kGsmCols * kGsmRows, 1) gsm_fwd_kernel(GsmPara
       int cy, cx;
       A g;
       load_center(p.centers, p.sigma, b, pos, p.M, p.N, p.W, p.Tm, cy, cx, g);
-      const A v = to_acc(x[pos * p.N]) + gauss_bias(qy, qx, cy, cx, g);
+      const A v = saturate(to_acc(x[pos * p.N]) + gauss_bias(qy, qx, cy, cx, g));
       if (v > m) {
         l = l * acc_exp(m - v) + A(1);  // m == -inf: exp gives 0
         m = v;
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kGsmCols * kGsmRows, 1) gsm_fwd_kernel(GsmPara
     int cy, cx;
     A g;
     load_center(p.centers, p.sigma, b, pos, p.M, p.N, p.W, p.Tm, cy, cx, g);
-    const A v = to_acc(x[pos * p.N]) + gauss_bias(qy, qx, cy, cx, g);
+    const A v = saturate(to_acc(x[pos * p.N]) + gauss_bias(qy, qx, cy, cx, g));
     store(y + pos * p.N, inv == A(0) ? A(0) : acc_exp(v - m) * inv);
   }
 }

@@ -354,7 +354,7 @@ __global__ void __launch_bounds__(kTopkWarps * 32, 1)
       for (int cc = 0; cc < kTopkCC; ++cc) dot += ks[cc][lane] * qs[warp][cc];
     }
     const int64_t mine = base + lane;
-    const A key = list.rank_key(dot * p.scale + gauss_bias(qy, qx, cy[lane], cx[lane], g[lane]));
+    const A key = list.rank_key(saturate(dot * p.scale + gauss_bias(qy, qx, cy[lane], cx[lane], g[lane])));
     list.offer(key, base, q_ok && mine < L && list.wants(key, mine));
   }
 }

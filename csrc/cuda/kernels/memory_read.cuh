@@ -443,7 +443,7 @@ __global__ void __launch_bounds__(kTopkWarps * 32, 1)
     }
     const int64_t mine = base + lane;
     const bool ok = q_ok && mine < p.Nm;
-    const A key = list.rank_key(!ok ? A(0) : p.l2 ? -p.u(b, mine) * d : p.scale * d);
+    const A key = list.rank_key(saturate(!ok ? A(0) : p.l2 ? -p.u(b, mine) * d : p.scale * d));
     list.offer(key, base, ok && list.wants(key, mine));
   }
 }
@@ -466,17 +466,18 @@ __global__ void __launch_bounds__(kTopkWarps * 32, 1)
   A sum = A(0);
   for (int64_t j = lane; j < k; j += 32) sum += acc_exp(lk[j] - mx);
   sum = warp_sum(sum);
-  const A L = mx + acc_log(sum);
-  if (lane == 0) lse[bq] = L;
+  if (lane == 0) lse[bq] = mx + acc_log(sum);
+  // P_j = exp(l_j - max) / sum, not exp(l_j - lse): at saturated magnitudes lse cannot hold log(sum).
+  const A inv = A(1) / sum;
   for (int64_t v0 = 0; v0 < p.Cv; v0 += 32) {
     const int64_t v = v0 + lane;
     A o = A(0);
     for (int64_t j = 0; j < k; ++j)
-      if (v < p.Cv) o += acc_exp(lk[j] - L) * to_acc(vcl[(b * p.Nm + li[j]) * p.Cv + v]);
+      if (v < p.Cv) o += acc_exp(lk[j] - mx) * inv * to_acc(vcl[(b * p.Nm + li[j]) * p.Cv + v]);
     if (v < p.Cv) store(out + (b * p.Cv + v) * p.Nq + q, o);
   }
   if (usage != nullptr)
-    for (int64_t j = lane; j < k; j += 32) atomicAdd(usage + b * p.Nm + li[j], acc_exp(lk[j] - L));
+    for (int64_t j = lane; j < k; j += 32) atomicAdd(usage + b * p.Nm + li[j], acc_exp(lk[j] - mx) * inv);
 }
 
 // Top-k backward: one warp per query over its fixed selected set. Channels-last inputs
@@ -517,7 +518,7 @@ __global__ void __launch_bounds__(kTopkWarps * 32, 1)
     for (int64_t v = lane; v < p.Cv; v += 32) dp += to_acc(vr[v]) * to_acc(dor[v]);
     d = warp_sum(d);
     dp = warp_sum(dp);
-    const A u = p.u(b, pos), s = p.l2 ? -u * d : p.scale * d;
+    const A u = p.u(b, pos), s = saturate(p.l2 ? -u * d : p.scale * d);
     const A P = acc_exp(s - L), dS = P * (dp - Dq);
     for (int64_t v = lane; v < p.Cv; v += 32) atomicAdd(g.dv + (b * p.Nm + pos) * p.Cv + v, P * to_acc(dor[v]));
     for (int64_t c = lane; c < p.Ck; c += 32) {
