@@ -74,7 +74,7 @@ __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { ret
 __host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Centre of memory position `pos` of batch item b (SPEC 1): (cy, cx) and g = 1 / (2 sigma^2);
+// Centre of memory position `pos` of batch item b (docs/ops.md section 1): (cy, cx) and g = 1 / (2 sigma^2);
 // cy = -1 when there is no centre (centers == nullptr, centers[pos] == -1, or pos < 0).
 // centers is (B, M) and sigma (B, T), both contiguous.
 template <typename A>
@@ -98,7 +98,7 @@ __device__ __forceinline__ void load_center(const int64_t* centers, const A* sig
 __device__ __forceinline__ float saturate(float x) { return x > 1e36f ? 1e36f : x < -1e36f ? -1e36f : x; }
 __device__ __forceinline__ double saturate(double x) { return x > 1e300 ? 1e300 : x < -1e300 ? -1e300 : x; }
 
-// Log-Gaussian bias of SPEC 1 for query pixel (qy, qx) and a memory position whose centre is
+// Log-Gaussian bias of docs/ops.md section 1 for query pixel (qy, qx) and a memory position whose centre is
 // (cy, cx) (cy < 0: no centre) with g = 1 / (2 sigma^2). d2 == 0 returns exactly 0 so that a
 // huge g (tiny sigma) never gives 0 * inf = NaN.
 template <typename A>

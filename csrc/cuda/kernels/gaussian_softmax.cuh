@@ -1,4 +1,4 @@
-// gaussian_softmax (SPEC 2) and its backward: softmax over dim 1 (memory, length M = T*H*W)
+// gaussian_softmax (docs/ops.md section 2) and its backward: softmax over dim 1 (memory, length M = T*H*W)
 // of affinity (B, M, N) plus the log-Gaussian bias, for every query column n. Torch-free.
 //
 // A block owns 32 consecutive columns (one per lane: coalesced rows) and 8 row groups; pass 1

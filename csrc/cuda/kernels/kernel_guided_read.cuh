@@ -1,4 +1,4 @@
-// kernel_guided_read (SPEC 1, docs/internals.md): forward with split-memory log-sum-exp combine,
+// kernel_guided_read (docs/ops.md section 1, docs/internals.md): forward with split-memory log-sum-exp combine,
 // streaming top-k, and the flash-style backward. Torch-free; the glue allocates and checks.
 //
 // Layouts (all contiguous): q (B, Ck, N), k (B, Ck, M), v (B, Cv, M), centers (B, M) int64,

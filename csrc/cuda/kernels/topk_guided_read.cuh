@@ -1,4 +1,4 @@
-// topk_guided_read (SPEC 5, docs/internals.md): every fine query of coarse cell c attends over
+// topk_guided_read (docs/ops.md section 5, docs/internals.md): every fine query of coarse cell c attends over
 // the k*r*r fine memory pixels of its k coarse indices. Torch-free; the glue allocates.
 //
 // Layouts (contiguous): q and dout/out (B, C, N) channels-first; memory k (B, M, Ck) and

@@ -1,4 +1,4 @@
-// local_track (SPEC 3) and global_track (SPEC 4): argmax of <memory_key, query_key> over a
+// local_track (docs/ops.md section 3) and global_track (docs/ops.md section 4): argmax of <memory_key, query_key> over a
 // clipped window / over all queries, ties to the smaller flat query index. Torch-free.
 // Layouts (contiguous): mk (B, C, M) channels-first (M = T*N; T = 1 for local_track),
 // qk (B, C, N); out (B, M) int64.
