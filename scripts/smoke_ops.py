@@ -31,6 +31,8 @@ def main(argv):
     mv = torch.randn(B, Cv, T, H, W, generator=g, dtype=torch.float64)
     centers = torch.randint(-1, H * W, (B, T, H, W), generator=g)
     sigma = torch.tensor([3.0, 2.0, 1.5], dtype=torch.float64)
+    shrink = torch.rand(B, 1, T, H, W, generator=g, dtype=torch.float64) + 1
+    select = torch.rand(B, Ck, H, W, generator=g, dtype=torch.float64)
     coarse = torch.randint(0, T * (H // 2) * (W // 2), (B, (H // 2) * (W // 2), 4), generator=g)
 
     calls = {
@@ -41,6 +43,9 @@ def main(argv):
         "local_track": lambda backend: hmmn_ops.local_track(mk[:, :, -1], qk, 5, backend=backend),
         "global_track": lambda backend: hmmn_ops.global_track(mk, qk, backend=backend),
         "topk_guided_read": lambda backend: hmmn_ops.topk_guided_read(qk, mk, mv, coarse, backend=backend),
+        "memory_read": lambda backend: hmmn_ops.memory_read(qk, mk, mv, similarity="l2", memory_shrinkage=shrink,
+                                                            query_selection=select, topk=7, return_usage=True,
+                                                            backend=backend),
     }
     report = hmmn_ops.backends("cpu")
     for op, run in calls.items():
