@@ -1,5 +1,8 @@
 """Input builders shared by the GPU backends' tests (test_cuda.py, test_triton.py): random and
 small-integer tensors on a device, non-contiguous layouts, kernel_guided_read arguments."""
+import os
+
+import pytest
 import torch
 
 from hmmn_ops import reference
@@ -49,3 +52,14 @@ class Inputs:
             centers[..., 0, 0] = H * W - 1  # a far corner: the largest bias
             sigma = torch.rand(B, T, dtype=reference.acc_dtype(dtype), device=self.device) * 2 + 0.5
         return q, k, v, centers, sigma
+
+
+def triton_device():
+    """(interpreting, device) for a Triton test module, skipping the module where Triton cannot
+    run: it needs a CUDA GPU, or TRITON_INTERPRET=1 for its CPU interpreter."""
+    pytest.importorskip("triton")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpret and not torch.cuda.is_available():
+        pytest.skip("Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is imported) to run "
+                    "them in the CPU interpreter", allow_module_level=True)
+    return interpret, "cpu" if interpret else "cuda"

@@ -19,15 +19,9 @@ import torch
 import hmmn_ops
 from hmmn_ops import reference
 
-from inputs import LAYOUTS, Inputs
+from inputs import LAYOUTS, Inputs, triton_device
 
-pytest.importorskip("triton")
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is imported) to run "
-                "them in the CPU interpreter", allow_module_level=True)
+INTERPRET, DEVICE = triton_device()
 
 import hmmn_ops.triton as tri  # noqa: E402  (after the skip: importing it is what needs Triton)
 

@@ -7,7 +7,6 @@ On a CPU machine they run in Triton's interpreter, at tiny shapes, in float32/fl
 (bfloat16 is not tested under the interpreter: its tl.dot on bfloat16 is wrong upstream.)
 Without TRITON_INTERPRET=1 and without a GPU every test skips and says so.
 """
-import os
 
 import pytest
 import torch
@@ -15,15 +14,9 @@ import torch
 import hmmn_ops
 from hmmn_ops import reference
 
-from inputs import LAYOUTS
+from inputs import LAYOUTS, triton_device
 
-pytest.importorskip("triton")
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is imported) to run "
-                "them in the CPU interpreter", allow_module_level=True)
+INTERPRET, DEVICE = triton_device()
 
 import hmmn_ops.triton as tri  # noqa: E402  (after the skip: importing it is what needs Triton)
 
